@@ -1,0 +1,76 @@
+"""Tiny synthetic CIFAR-like data (ImageFolder and torchvision pickle layouts) and a tiny pipeline run."""
+import os
+import pickle
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+CLASSES = ["red", "green", "blue", "grey"]
+
+
+def synthetic_images(n, seed):
+    """n 32x32 RGB images whose class shows in colour and a stripe: learnable in a few steps."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % len(CLASSES)
+    images = rng.integers(0, 60, size=(n, 32, 32, 3), dtype=np.uint8)
+    for i, label in enumerate(labels):
+        if label < 3:
+            images[i, :, :, label] += 150
+        else:
+            images[i] += 90
+        images[i, 4 * label:4 * label + 4, :, :] = 255
+    return images, labels
+
+
+def write_imagefolder(root, n_train=240, n_test=80):
+    for split, n, seed in (("train", n_train, 0), ("test", n_test, 1)):
+        images, labels = synthetic_images(n, seed)
+        for i, (img, label) in enumerate(zip(images, labels)):
+            folder = os.path.join(root, split, CLASSES[label])
+            os.makedirs(folder, exist_ok=True)
+            Image.fromarray(img).save(os.path.join(folder, f"{i:04d}.png"))
+    return str(root)
+
+
+def write_cifar_pickles(root, per_batch=40, n_test=40):
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for k, name in enumerate(names):
+        images, labels = synthetic_images(n_test if name == "test_batch" else per_batch, seed=10 + k)
+        data = images.transpose(0, 3, 1, 2).reshape(len(images), -1)
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump({"data": data, "labels": labels.tolist()}, f)
+    with open(os.path.join(folder, "batches.meta"), "wb") as f:
+        pickle.dump({"label_names": CLASSES}, f)
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def imagefolder(tmp_path_factory):
+    return write_imagefolder(tmp_path_factory.mktemp("imagefolder"))
+
+
+# Tiny constants for each script: seconds per stage on 2 CPU cores.
+TRAIN_FLAGS = ["--EPOCHS=3", "--BATCH_SIZE=32", "--VAL_SIZE=40", "--LR=0.01", "--DEVICE=cpu"]
+COMPRESS_FLAGS = ["--KD_EPOCHS=3", "--FINETUNE_EPOCHS=1", "--BATCH_SIZE=32", "--STUDENT_WIDTH=24", "--KD_LR=0.01",
+                  "--FINETUNE_LR=0.005", "--CALIB_IMAGES=64", "--DEVICE=cpu"]
+EVAL_FLAGS = ["--RUNS_B1=100", "--RUNS_B64=3", "--WARMUP=2", "--THREADS=2"]
+
+
+@pytest.fixture(scope="session")
+def pipeline(imagefolder, tmp_path_factory):
+    """All three scripts run once on the tiny data; returns the output folder."""
+    import compress_model
+    import evaluate_results
+    import train_baseline
+    out = str(tmp_path_factory.mktemp("runs"))
+    common = [f"--DATA_DIR={imagefolder}", f"--OUT_DIR={out}"]
+    train_baseline.main(common + TRAIN_FLAGS)
+    compress_model.main(common + COMPRESS_FLAGS)
+    evaluate_results.main(common + EVAL_FLAGS)
+    return out

@@ -1,0 +1,141 @@
+"""Resume after an interruption, and every bad input: one line on stderr, exit status 2, nothing half-written."""
+import os
+import shutil
+
+import pytest
+import torch
+
+import compress_model
+import evaluate_results
+import train_baseline
+import utils.train
+from conftest import COMPRESS_FLAGS, TRAIN_FLAGS
+from utils.config import run_cli
+
+
+def cli(main, argv, capsys, monkeypatch):
+    """Run a script's main as the shell would: returns (exit status, stdout, stderr)."""
+    monkeypatch.setattr("sys.argv", ["script"] + argv)
+    try:
+        run_cli(main)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *words):
+    assert code == 2, err
+    lines = err.strip().splitlines()  # progress bars of work done before the mistake showed may come first
+    errors = [line for line in lines if "error" in line.lower()]
+    assert len(errors) == 1 and lines[-1].startswith("error: ") and "Traceback" not in err, err
+    assert all(w in lines[-1] for w in words), lines[-1]
+
+
+def no_temp_files(folder):
+    return not [f for root, _, files in os.walk(folder) for f in files if ".tmp" in f]
+
+
+def test_train_resumes_from_the_last_finished_epoch(imagefolder, tmp_path, capsys, monkeypatch):
+    common = [f"--DATA_DIR={imagefolder}", f"--OUT_DIR={tmp_path / 'a'}"] + TRAIN_FLAGS
+    calls = {"n": 0}
+    real = utils.train.train_one_epoch
+
+    def interrupted_in_third_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(utils.train, "train_one_epoch", interrupted_in_third_epoch)
+    code, _, err = cli(train_baseline.main, common, capsys, monkeypatch)
+    assert code == 130 and "rerun" in err
+    ckpt = torch.load(tmp_path / "a" / "baseline.pth", weights_only=True)
+    assert ckpt["epoch"] == 2 and not ckpt["finished"] and ckpt["optimizer"] is not None
+    monkeypatch.setattr(utils.train, "train_one_epoch", real)
+    code, out, _ = cli(train_baseline.main, common, capsys, monkeypatch)
+    assert code == 0 and "resuming" in out and "after epoch 2/3" in out
+    resumed = torch.load(tmp_path / "a" / "baseline.pth", weights_only=True)
+    assert resumed["finished"] and resumed["epoch"] == 3 and len(resumed["history"]) == 3
+    # the same run without interruption ends with the same weights
+    straight = [f"--DATA_DIR={imagefolder}", f"--OUT_DIR={tmp_path / 'b'}"] + TRAIN_FLAGS
+    assert cli(train_baseline.main, straight, capsys, monkeypatch)[0] == 0
+    other = torch.load(tmp_path / "b" / "baseline.pth", weights_only=True)
+    for key, value in resumed["state_dict"].items():
+        assert torch.allclose(value.float(), other["state_dict"][key].float(), atol=1e-4), key
+    assert no_temp_files(tmp_path)
+
+
+def test_compress_without_baseline_names_the_script_to_run(imagefolder, tmp_path, capsys, monkeypatch):
+    code, _, err = cli(compress_model.main, [f"--DATA_DIR={imagefolder}", f"--OUT_DIR={tmp_path}"], capsys,
+                       monkeypatch)
+    assert_one_line_error(code, err, "no baseline checkpoint", "train_baseline.py")
+    assert os.listdir(tmp_path) == []
+
+
+def test_evaluate_without_artifacts_names_the_script_to_run(imagefolder, tmp_path, capsys, monkeypatch):
+    code, _, err = cli(evaluate_results.main, [f"--DATA_DIR={imagefolder}", f"--OUT_DIR={tmp_path}"], capsys,
+                       monkeypatch)
+    assert_one_line_error(code, err, "train_baseline.py")
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_or_truncated_checkpoint(pipeline, imagefolder, tmp_path, capsys, monkeypatch, damage):
+    path = tmp_path / "baseline.pth"
+    if damage == "garbage":
+        path.write_bytes(b"not a checkpoint at all" * 100)
+    else:
+        data = open(os.path.join(pipeline, "baseline.pth"), "rb").read()
+        path.write_bytes(data[: len(data) // 2])
+    before = sorted(os.listdir(tmp_path))
+    code, _, err = cli(compress_model.main, [f"--DATA_DIR={imagefolder}", f"--OUT_DIR={tmp_path}"] + COMPRESS_FLAGS,
+                       capsys, monkeypatch)
+    assert_one_line_error(code, err, "baseline.pth", "corrupt or truncated")
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_checkpoint_of_another_architecture(pipeline, imagefolder, tmp_path, capsys, monkeypatch):
+    # a baseline made with resnet18_stock, resumed with ARCH=resnet18_cifar
+    shutil.copy(os.path.join(pipeline, "baseline.pth"), tmp_path / "baseline.pth")
+    argv = [f"--DATA_DIR={imagefolder}", f"--OUT_DIR={tmp_path}"] + TRAIN_FLAGS + ["--ARCH=resnet18_cifar"]
+    code, _, err = cli(train_baseline.main, argv, capsys, monkeypatch)
+    assert_one_line_error(code, err, "baseline.pth", "stem=imagenet", "stem=cifar")
+    # a student checkpoint where the baseline should be
+    shutil.copy(os.path.join(pipeline, "student.pth"), tmp_path / "baseline.pth")
+    code, _, err = cli(compress_model.main, [f"--DATA_DIR={imagefolder}", f"--OUT_DIR={tmp_path}"], capsys,
+                       monkeypatch)
+    assert_one_line_error(code, err, "'student'", "expected 'baseline'")
+    assert no_temp_files(tmp_path)
+
+
+def test_missing_and_empty_data_folders(tmp_path, capsys, monkeypatch):
+    out = f"--OUT_DIR={tmp_path / 'runs'}"
+    code, _, err = cli(train_baseline.main, [f"--DATA_DIR={tmp_path / 'nowhere'}", "--DOWNLOAD=False", out], capsys,
+                       monkeypatch)
+    assert_one_line_error(code, err, "does not exist")
+    (tmp_path / "empty").mkdir()
+    code, _, err = cli(train_baseline.main, [f"--DATA_DIR={tmp_path / 'empty'}", "--DOWNLOAD=False", out], capsys,
+                       monkeypatch)
+    assert_one_line_error(code, err, "holds neither")
+    (tmp_path / "hollow" / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "hollow" / "test" / "cat").mkdir(parents=True)
+    code, _, err = cli(train_baseline.main, [f"--DATA_DIR={tmp_path / 'hollow'}", out], capsys, monkeypatch)
+    assert_one_line_error(code, err, "no images found")
+    assert not (tmp_path / "runs").exists() or no_temp_files(tmp_path / "runs")
+
+
+@pytest.mark.parametrize("script, argv, words", [
+    (train_baseline, ["--EPOCS=3"], ["unknown constant --EPOCS"]),
+    (train_baseline, ["--EPOCHS=three"], ["--EPOCHS expects int"]),
+    (train_baseline, ["--ARCH=vgg16"], ["--ARCH must be one of"]),
+    (train_baseline, ["--LABEL_SMOOTHING=1.5"], ["--LABEL_SMOOTHING must be in"]),
+    (compress_model, ["--PRUNE_AMOUNT=1.0"], ["--PRUNE_AMOUNT must be in"]),
+    (compress_model, ["--KD_ALPHA=-0.1"], ["--KD_ALPHA must be in"]),
+    (compress_model, ["--CALIB_METHOD=magic"], ["--CALIB_METHOD must be one of"]),
+    (evaluate_results, ["--RUNS_B1=10"], ["--RUNS_B1 must be in"]),
+    (evaluate_results, ["--DEVICE=cpu"], ["unknown constant --DEVICE"]),
+])
+def test_bad_constants(script, argv, words, tmp_path, capsys, monkeypatch):
+    code, _, err = cli(script.main, argv + [f"--OUT_DIR={tmp_path}"], capsys, monkeypatch)
+    assert_one_line_error(code, err, *words)
+    assert os.listdir(tmp_path) == []

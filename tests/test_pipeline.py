@@ -1,0 +1,73 @@
+"""The three scripts end to end on tiny data, and what their artifacts must satisfy."""
+import json
+import os
+
+import numpy as np
+import onnx
+import torch
+
+from utils.checkpoint import load_checkpoint, load_model
+from utils.compress import weight_sparsity
+from utils.data import load_dataset
+from utils.measure import ort_predict, ort_session
+
+STAGES = ["baseline", "student", "pruned", "int8", "seed_recipe"]
+REQUIRED = ["stage", "artifact", "runtime", "accuracy", "size_bytes", "params", "nonzero_params", "latency_b1_ms",
+            "latency_b64_ms"]
+
+
+def test_results_have_a_measured_row_per_stage(pipeline):
+    results = json.load(open(os.path.join(pipeline, "results.json")))
+    assert [r["stage"] for r in results["rows"]] == STAGES
+    for row in results["rows"]:
+        assert all(k in row for k in REQUIRED), row.keys()
+        assert row["size_bytes"] == os.path.getsize(row["artifact"])
+        assert 0 <= row["accuracy"] <= 100 and row["latency_b1_ms"] > 0 and row["latency_b64_ms"] > 0
+    assert results["machine"]["threads"] == 2 and results["machine"]["onnxruntime"]
+    assert results["config"]["RUNS_B1"] == 100
+    baseline = results["rows"][0]
+    assert baseline["accuracy"] > 50, "the baseline should learn the synthetic classes"
+    table = open(os.path.join(pipeline, "results.md")).read()
+    assert all(f"| {stage}" in table for stage in STAGES)
+
+
+def test_int8_artifact_is_small_runs_alone_and_agrees_with_float(pipeline, imagefolder):
+    int8_path, float_path = os.path.join(pipeline, "int8.onnx"), os.path.join(pipeline, "onnx", "pruned_fp32.onnx")
+    assert os.path.getsize(float_path) / os.path.getsize(int8_path) >= 3.5
+    ops = {n.op_type for n in onnx.load(int8_path).graph.node}
+    assert "DequantizeLinear" in ops and "Conv" in ops
+    # every Conv weight comes in through a DequantizeLinear of an int8 initializer
+    graph = onnx.load(int8_path).graph
+    int8_inits = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.INT8}
+    dq_out = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    assert all(dq_out.get(n.input[1]) in int8_inits for n in graph.node if n.op_type == "Conv")
+    # agreement of predictions with the pruned float model, on the test images
+    test_x = load_dataset(imagefolder, False, pipeline)["test"][0].float() / 255
+    pruned = load_model(load_checkpoint(os.path.join(pipeline, "pruned.pth"), "pruned", "x"), "pruned.pth")
+    with torch.no_grad():
+        float_pred = pruned(test_x).argmax(1)
+    int8_pred = ort_predict(ort_session(int8_path, 2))(test_x).argmax(1)
+    assert (float_pred == int8_pred).float().mean() >= 0.9
+
+
+def test_pruned_checkpoint_keeps_exact_global_sparsity(pipeline):
+    ckpt = load_checkpoint(os.path.join(pipeline, "pruned.pth"), "pruned", "x")
+    model = load_model(ckpt, "pruned.pth")
+    n = sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
+    assert abs(weight_sparsity(model) - round(0.4 * n) / n) < 1e-9
+    assert ckpt["finished"] and ckpt["optimizer"] is None
+
+
+def test_seed_recipe_leaves_convolutions_float(pipeline):
+    results = {r["stage"]: r for r in json.load(open(os.path.join(pipeline, "results.json")))["rows"]}
+    assert results["seed_recipe"]["size_bytes"] > 0.9 * results["pruned"]["size_bytes"]
+    assert results["int8"]["size_bytes"] < 0.35 * results["pruned"]["size_bytes"]
+
+
+def test_cifar_pickle_layout_is_read(tmp_path):
+    from conftest import write_cifar_pickles
+    data = load_dataset(write_cifar_pickles(tmp_path / "cifar"), False, str(tmp_path / "runs"))
+    assert data["train"][0].shape == (200, 3, 32, 32) and data["train"][0].dtype == torch.uint8
+    assert data["test"][0].shape == (40, 3, 32, 32) and len(data["train"][2]) == 4
+    again = load_dataset(str(tmp_path / "cifar"), False, str(tmp_path / "runs"))  # from the cache
+    assert torch.equal(again["train"][0], data["train"][0]) and torch.equal(again["test"][1], data["test"][1])

@@ -1,0 +1,90 @@
+"""Pieces checked one by one: the distillation loss, pruning through fine-tuning, checkpoints, flags."""
+import math
+
+import pytest
+import torch
+
+from utils.checkpoint import atomic_save, clean_state_dict, load_checkpoint, load_model, weights_fingerprint
+from utils.compress import global_magnitude_prune, make_pruning_permanent, weight_sparsity
+from utils.config import UserError, parse_flags
+from utils.models import ResNet
+from utils.train import cross_entropy_objective, fit, kd_loss, sgd_one_cycle
+
+
+def test_kd_loss_matches_hand_computation():
+    s = [[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]]
+    t = [[2.0, 0.0, 1.0], [1.0, 1.0, 1.0]]
+    y = [1, 2]
+    T, alpha = 4.0, 0.7
+
+    def softmax(v, temp=1.0):
+        e = [math.exp(x / temp) for x in v]
+        return [x / sum(e) for x in e]
+    kl = sum(sum(pt * math.log(pt / ps) for pt, ps in zip(softmax(ti, T), softmax(si, T))) for si, ti in zip(s, t)) / 2
+    ce = -sum(math.log(softmax(si)[yi]) for si, yi in zip(s, y)) / 2
+    expected = alpha * T * T * kl + (1 - alpha) * ce
+    got = kd_loss(torch.tensor(s), torch.tensor(t), torch.tensor(y), T, alpha)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
+def tiny_data(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 4
+    x = torch.randint(0, 80, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
+    x[torch.arange(n), y % 3] += 150
+    return x, y
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return ResNet(stem="stride2", widths=(8, 16, 32, 64), num_classes=4)
+
+
+def test_pruning_reaches_exact_global_sparsity_and_keeps_it_through_finetuning(tmp_path):
+    model = tiny_model()
+    n = sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
+    global_magnitude_prune(model, 0.4)
+    assert weight_sparsity(model) == round(0.4 * n) / n
+    zeros_before = {k: v == 0 for k, v in clean_state_dict(model).items() if k.endswith("weight") and v.dim() > 1}
+    opt, sched = sgd_one_cycle(model, 0.05, 0.9, 5e-4, 2, 4)
+    meta = {"stage": "pruned", "model": model.spec, "config": {}, "resume_key": {}}
+    fit(model, cross_entropy_objective(0.0), opt, sched, tiny_data(), tiny_data(16, 1), epochs=2, batch_size=16,
+        device="cpu", seed=0, ckpt_path=str(tmp_path / "p.pth"), meta=meta, made_by="test")
+    make_pruning_permanent(model)
+    after = clean_state_dict(model)
+    assert all(torch.equal(after[k] == 0, z) for k, z in zeros_before.items()), "fine-tuning changed the mask"
+    assert weight_sparsity(model) == round(0.4 * n) / n
+    saved = load_model(load_checkpoint(str(tmp_path / "p.pth"), "pruned", "test"), "p.pth")
+    assert weight_sparsity(saved) == round(0.4 * n) / n
+
+
+def test_checkpoint_round_trip_rebuilds_the_architecture(tmp_path):
+    model = tiny_model().eval()
+    path = str(tmp_path / "m.pth")
+    atomic_save({"format": "compress-ckpt-v1", "stage": "student", "model": model.spec,
+                 "state_dict": clean_state_dict(model)}, path)
+    loaded = load_model(load_checkpoint(path, "student", "test"), path)
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(loaded(x), model(x))
+    assert weights_fingerprint(loaded.state_dict()) == weights_fingerprint(model.state_dict())
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in torch.load(path, weights_only=True)["state_dict"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--NOPE=1"], "unknown constant --NOPE"),
+    (["--EPOCHS=abc"], "--EPOCHS expects int"),
+    (["--EPOCHS=1.5"], "--EPOCHS expects int"),
+    (["--FLAG=1"], "--FLAG expects bool"),
+    (["EPOCHS=3"], "unexpected argument"),
+    (["--EPOCHS"], "needs a value"),
+])
+def test_bad_flags_are_errors(argv, message):
+    with pytest.raises(UserError, match=message):
+        parse_flags({"EPOCHS": 3, "LR": 0.1, "NAME": "x", "FLAG": True}, argv)
+
+
+def test_flags_take_the_type_of_their_default():
+    cfg = parse_flags({"EPOCHS": 3, "LR": 0.1, "NAME": "x", "FLAG": True},
+                      ["--EPOCHS=5", "--LR", "1", "--NAME=a b", "--FLAG=False"])
+    assert cfg == {"EPOCHS": 5, "LR": 1.0, "NAME": "a b", "FLAG": False}
+    assert isinstance(cfg["LR"], float)

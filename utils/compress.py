@@ -1,0 +1,148 @@
+"""Compression stages: global magnitude pruning (torch.nn.utils.prune), ONNX export, and static INT8
+quantization with ONNX Runtime (QDQ format, per-channel weights, calibrated on training images)."""
+import contextlib
+import copy
+import io
+import os
+import warnings
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+ONNX_INPUT = "input"  # float32 (N, 3, H, W), RGB in [0, 1]; normalisation happens inside the model
+ONNX_OUTPUT = "logits"
+
+
+def prunable_weights(model):
+    """(module, "weight") of every Conv2d and Linear: what global pruning ranks together."""
+    return [(m, "weight") for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def global_magnitude_prune(model, amount):
+    """Zero the `amount` fraction of conv and linear weights with the smallest |w|, ranked over the whole model.
+    The masks stay attached (weight = weight_orig * weight_mask) so fine-tuning keeps the zeros."""
+    prune.global_unstructured(prunable_weights(model), pruning_method=prune.L1Unstructured, amount=amount)
+
+
+def make_pruning_permanent(model):
+    for module, name in prunable_weights(model):
+        if prune.is_pruned(module):
+            prune.remove(module, name)
+
+
+def weight_sparsity(model):
+    """Fraction of conv and linear weights that are exactly zero."""
+    weights = [getattr(m, n) for m, n in prunable_weights(model)]
+    return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+
+
+def count_params(model):
+    """(parameters, nonzero parameters) as the model would be saved (pruning masks folded in)."""
+    from .checkpoint import clean_state_dict
+    tensors = [v for k, v in clean_state_dict(model).items() if v.is_floating_point() and not is_buffer(model, k)]
+    return sum(t.numel() for t in tensors), sum(int(t.count_nonzero()) for t in tensors)
+
+
+def is_buffer(model, key):
+    return key in dict(model.named_buffers())
+
+
+def export_onnx(model, path, image_size=32):
+    """Export a float model to ONNX with a dynamic batch dimension (torch.export based exporter)."""
+    model = model.eval().to("cpu", memory_format=torch.contiguous_format)
+    x = torch.rand(2, 3, image_size, image_size)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}.onnx"
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), tmp, input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
+                          dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}}, dynamo=True, external_data=False)
+    os.replace(tmp, path)
+    return path
+
+
+class CalibrationReader:
+    """Feeds ONNX Runtime's calibrator batches of float images."""
+
+    def __init__(self, images, batch_size=64):
+        self.batches = iter([{ONNX_INPUT: images[i:i + batch_size].numpy()} for i in range(0, len(images), batch_size)])
+
+    def get_next(self):
+        return next(self.batches, None)
+
+
+def quantize_int8(float_onnx, int8_onnx, calib_images, per_channel=True, method="MinMax"):
+    """Static post-training INT8: every Conv and Gemm gets int8 weights (per output channel) and uint8
+    activations, with ranges calibrated on `calib_images` (float, (N, 3, H, W) in [0, 1])."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    prepared = f"{int8_onnx}.prep{os.getpid()}.onnx"
+    tmp = f"{int8_onnx}.tmp{os.getpid()}.onnx"
+    try:
+        quant_pre_process(float_onnx, prepared, skip_symbolic_shape=True)
+        quantize_static(prepared, tmp, CalibrationReader(calib_images), quant_format=QuantFormat.QDQ,
+                        per_channel=per_channel, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+                        calibrate_method=getattr(CalibrationMethod, method))
+        os.replace(tmp, int8_onnx)
+    finally:
+        for f in (prepared, tmp):
+            if os.path.exists(f):
+                os.remove(f)
+    return int8_onnx
+
+
+def save_onnx_metadata(path, info):
+    """Store a JSON description (stage, classes, config, input format) inside the ONNX file's metadata."""
+    import json
+    import onnx
+    model = onnx.load(path)
+    for key, value in info.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(value)
+    tmp = f"{path}.tmp{os.getpid()}.onnx"
+    onnx.save(model, tmp)
+    os.replace(tmp, path)
+
+
+def seed_recipe_model(model):
+    """The original README's 'quantization': torch.ao's quantize_dynamic over {Linear, Conv2d}. It quantizes
+    the Linear layer only; every Conv2d stays float32, which is why the file barely shrinks."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated; kept to show what it does
+        from torch.ao.quantization import quantize_dynamic
+        return quantize_dynamic(copy.deepcopy(model).cpu().eval(), {nn.Linear, nn.Conv2d}, dtype=torch.qint8)
+
+
+def seed_recipe(model, path, meta):
+    """Apply the original recipe to `model` and save its state_dict (in a self-describing dict) at `path`."""
+    from .checkpoint import FORMAT, atomic_save, versions
+    quantized = seed_recipe_model(model)
+    atomic_save({**meta, "format": FORMAT, "stage": "seed_recipe", "versions": versions(),
+                 "state_dict": quantized.state_dict()}, path)
+    return quantized
+
+
+def load_seed_recipe(path):
+    """Rebuild the original recipe's model from its checkpoint: float model, quantize_dynamic, then its weights."""
+    from .checkpoint import load_checkpoint
+    from .config import UserError
+    from .models import build_model
+    ckpt = load_checkpoint(path, "seed_recipe", "compress_model.py")
+    model = seed_recipe_model(build_model(ckpt["model"]))
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except (KeyError, RuntimeError) as e:
+        raise UserError(f"{path}: weights do not fit the architecture it names ({type(e).__name__})") from None
+    return model
+
+
+def onnx_param_counts(path):
+    """(parameters, nonzero) of an ONNX file: its weight and bias initializers (quantization scales and zero
+    points, and the input-normalisation constants, are not counted)."""
+    import onnx
+    from onnx import numpy_helper
+    arrays = [numpy_helper.to_array(t) for t in onnx.load(path).graph.initializer
+              if not t.name.endswith(("_scale", "_zero_point")) and len(t.dims) >= 1 and np.prod(t.dims) > 3]
+    return sum(a.size for a in arrays), sum(int(np.count_nonzero(a)) for a in arrays)
