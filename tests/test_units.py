@@ -88,3 +88,16 @@ def test_flags_take_the_type_of_their_default():
                       ["--EPOCHS=5", "--LR", "1", "--NAME=a b", "--FLAG=False"])
     assert cfg == {"EPOCHS": 5, "LR": 1.0, "NAME": "a b", "FLAG": False}
     assert isinstance(cfg["LR"], float)
+
+
+def test_config_layers_defaults_profile_environment_flags(monkeypatch):
+    from utils.config import resolve_config
+    defaults = {"DATA_DIR": "data", "EPOCHS": 3, "ARCH": "a", "PROFILE": "auto", "DEVICE": "auto"}
+    profiles = {"gpu": {"EPOCHS": 40, "ARCH": "b"}}
+    monkeypatch.setenv("DATA_DIR", "/env/data")
+    cpu = resolve_config(defaults, [], profiles, lambda d: "cpu")
+    assert cpu == {**defaults, "DATA_DIR": "/env/data", "PROFILE": "cpu", "DEVICE": "cpu"}
+    gpu = resolve_config(defaults, ["--EPOCHS=5"], profiles, lambda d: "cuda")
+    assert (gpu["EPOCHS"], gpu["ARCH"], gpu["PROFILE"]) == (5, "b", "gpu")
+    flagged = resolve_config(defaults, ["--DATA_DIR=/flag"], profiles, lambda d: "cpu")
+    assert flagged["DATA_DIR"] == "/flag"

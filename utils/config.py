@@ -45,8 +45,9 @@ def parse_value(name, text, default):
 
 
 def parse_flags(defaults, argv):
-    """Apply --NAME=VALUE (or --NAME VALUE) flags to a copy of `defaults`; unknown names are errors."""
-    cfg = dict(defaults)
+    """The constants given as --NAME=VALUE (or --NAME VALUE) flags, typed like their defaults; unknown names
+    are errors."""
+    cfg = {}
     args = list(argv)
     while args:
         arg = args.pop(0)
@@ -57,9 +58,9 @@ def parse_flags(defaults, argv):
             if not args:
                 raise UserError(f"--{name} needs a value")
             text = args.pop(0)
-        if name not in cfg:
-            raise UserError(f"unknown constant --{name}; known: {', '.join(sorted(cfg))}")
-        cfg[name] = parse_value(name, text, cfg[name])
+        if name not in defaults:
+            raise UserError(f"unknown constant --{name}; known: {', '.join(sorted(defaults))}")
+        cfg[name] = parse_value(name, text, defaults[name])
     return cfg
 
 
