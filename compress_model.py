@@ -16,7 +16,7 @@ import torch
 
 from utils.checkpoint import ARTIFACTS, load_checkpoint, load_model, weights_fingerprint
 from utils.compress import (count_params, export_onnx, global_magnitude_prune, make_pruning_permanent,
-                            quantize_int8, save_onnx_metadata, seed_recipe, weight_sparsity)
+                            onnx_param_counts, quantize_int8, save_onnx_metadata, seed_recipe, weight_sparsity)
 from utils.config import check_choice, check_range, print_config, resolve_config, run_cli, script_constants
 from utils.data import load_dataset, split_train_val
 from utils.measure import ort_predict, ort_session
@@ -72,17 +72,23 @@ def summary(model, path, val_acc):
     return {"params": params, "nonzero": nonzero, "mib": os.path.getsize(path) / 2**20, "val_acc": val_acc}
 
 
+def onnx_summary(path, val_acc):
+    params, nonzero = onnx_param_counts(path)
+    return {"params": params, "nonzero": nonzero, "mib": os.path.getsize(path) / 2**20, "val_acc": val_acc}
+
+
 def print_change(stage, before, after):
     fmt = "{params:>10,} params {nonzero:>10,} nonzero {mib:7.2f} MiB  val {val_acc:6.2f}%"
     print(f"{stage:<8} {fmt.format(**before)}  ->  {fmt.format(**after)}", flush=True)
 
 
-def train_stage(stage, model, objective, lr, epochs, train, val, cfg, meta_extra):
-    """Distillation and fine-tuning share this: one-cycle SGD through the one training loop."""
+def train_stage(stage, model, objective, lr, epochs, train, val, cfg, inputs, meta_extra):
+    """Distillation and fine-tuning share this: one-cycle SGD through the one training loop.
+    inputs: what the stage starts from (fingerprints, amounts); a checkpoint made from other inputs is not resumed."""
     steps = len(train[0]) // cfg["BATCH_SIZE"]
     opt, sched = sgd_one_cycle(model, lr, cfg["MOMENTUM"], cfg["WEIGHT_DECAY"], epochs, max(steps, 1))
     resume_key = {"lr": lr, "epochs": epochs, **{k: cfg[k] for k in ("BATCH_SIZE", "MOMENTUM", "WEIGHT_DECAY",
-                  "KD_TEMPERATURE", "KD_ALPHA", "SEED")}, **meta_extra.pop("resume_key")}
+                  "KD_TEMPERATURE", "KD_ALPHA", "SEED")}, **inputs}
     meta = {"stage": stage, "model": model.spec, "config": cfg, "resume_key": resume_key, **meta_extra}
     path = os.path.join(cfg["OUT_DIR"], ARTIFACTS[stage])
     fit(model, objective, opt, sched, train, val, epochs=epochs, batch_size=cfg["BATCH_SIZE"], device=cfg["DEVICE"],
@@ -118,7 +124,7 @@ def main(argv):
     kd = distillation_objective(teacher, cfg["KD_TEMPERATURE"], cfg["KD_ALPHA"])
     teacher_id = weights_fingerprint(base_ckpt["state_dict"])
     path = train_stage("student", student, kd, cfg["KD_LR"], cfg["KD_EPOCHS"], train, val, cfg,
-                       {"resume_key": {"teacher": teacher_id}, "teacher": base_path, "classes": base_ckpt["classes"]})
+                       {"teacher": teacher_id}, {"teacher": base_path, "classes": base_ckpt["classes"]})
     student_stats = summary(student, path, model_accuracy(student, *val, batch_size=512, device=device))
     print_change("distill", teacher_stats, student_stats)
 
@@ -131,8 +137,8 @@ def main(argv):
           f"{model_accuracy(pruned, *val, batch_size=512, device=device):.2f}% before fine-tuning")
     student_id = weights_fingerprint(student.state_dict())
     path = train_stage("pruned", pruned, kd, cfg["FINETUNE_LR"], cfg["FINETUNE_EPOCHS"], train, val, cfg,
-                       {"resume_key": {"student": student_id, "PRUNE_AMOUNT": cfg["PRUNE_AMOUNT"]},
-                        "teacher": base_path, "classes": base_ckpt["classes"]})
+                       {"student": student_id, "PRUNE_AMOUNT": cfg["PRUNE_AMOUNT"]},
+                       {"teacher": base_path, "classes": base_ckpt["classes"]})
     make_pruning_permanent(pruned)
     pruned = pruned.to("cpu", memory_format=torch.contiguous_format).eval()
     pruned_stats = summary(pruned, path, model_accuracy(pruned, *val, batch_size=512, device="cpu"))
@@ -141,16 +147,15 @@ def main(argv):
 
     # 4. Static INT8: export the pruned model to ONNX, calibrate on training images, quantize every conv
     float_onnx = export_onnx(pruned, os.path.join(out, "onnx", "pruned_fp32.onnx"))
-    calib = train[0][torch.randperm(len(train[0]), generator=torch.Generator().manual_seed(cfg["SEED"]))
-                     [:cfg["CALIB_IMAGES"]].cpu()].float() / 255
+    pick = torch.randperm(len(train[0]), generator=torch.Generator().manual_seed(cfg["SEED"]))[:cfg["CALIB_IMAGES"]]
+    calib = train[0][pick.to(train[0].device)].cpu().float() / 255
     int8_path = os.path.join(out, ARTIFACTS["int8"])
     quantize_int8(float_onnx, int8_path, calib, cfg["PER_CHANNEL"], cfg["CALIB_METHOD"])
     save_onnx_metadata(int8_path, {"stage": "int8", "classes": base_ckpt["classes"], "config": cfg,
                                    "input": "float32 (N, 3, 32, 32) RGB in [0, 1]", "source": path})
     int8_val = predict_accuracy(ort_predict(ort_session(int8_path, os.cpu_count())), *val, batch_size=500,
                                 device="cpu")
-    float_stats = {**pruned_stats, "mib": os.path.getsize(float_onnx) / 2**20}
-    print_change("int8", float_stats, {**pruned_stats, "mib": os.path.getsize(int8_path) / 2**20, "val_acc": int8_val})
+    print_change("int8", onnx_summary(float_onnx, pruned_stats["val_acc"]), onnx_summary(int8_path, int8_val))
     print(f"int8: {os.path.getsize(float_onnx) / os.path.getsize(int8_path):.2f}x smaller than the float ONNX export")
 
     # 5. The original README's recipe, for comparison: quantize_dynamic on the pruned model, saved as a state_dict

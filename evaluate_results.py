@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from utils.checkpoint import ARTIFACTS, atomic_write_text, load_checkpoint, load_model, versions
+from utils.checkpoint import ARTIFACTS, MADE_BY, atomic_write_text, load_checkpoint, load_model, versions
 from utils.compress import count_params, export_onnx, load_seed_recipe, onnx_param_counts
 from utils.config import UserError, check_range, print_config, resolve_config, run_cli, script_constants
 from utils.data import load_dataset
@@ -52,8 +52,7 @@ def latencies(predict, test_x, cfg):
 def measure_float(stage, test, cfg, threads):
     """A .pth float model: accuracy and latency in eager PyTorch, and again as its ONNX export in ONNX Runtime."""
     path = os.path.join(cfg["OUT_DIR"], ARTIFACTS[stage])
-    model = load_model(load_checkpoint(path, stage, "train_baseline.py" if stage == "baseline" else
-                                       "compress_model.py"), path)
+    model = load_model(load_checkpoint(path, stage, MADE_BY[stage]), path)
     params, nonzero = count_params(model)
     eager = eager_predict(model)
     onnx_path = export_onnx(model, os.path.join(cfg["OUT_DIR"], "onnx", f"{stage}_fp32.onnx"))
@@ -110,8 +109,7 @@ def main(argv):
     # 2. Every artifact present (before any slow work), and the test split (used here only, for reporting)
     for stage, path in ARTIFACTS.items():
         if not os.path.exists(os.path.join(cfg["OUT_DIR"], path)):
-            made_by = "train_baseline.py" if stage == "baseline" else "compress_model.py"
-            raise UserError(f"no {stage} artifact at {os.path.join(cfg['OUT_DIR'], path)}: run {made_by} first")
+            raise UserError(f"no {stage} artifact at {os.path.join(cfg['OUT_DIR'], path)}: run {MADE_BY[stage]} first")
     data = load_dataset(cfg["DATA_DIR"], cfg["DOWNLOAD"], cfg["OUT_DIR"])
     test = data["test"][:2]
 

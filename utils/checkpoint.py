@@ -13,6 +13,7 @@ FORMAT = "compress-ckpt-v1"
 # What each stage leaves in OUT_DIR.
 ARTIFACTS = {"baseline": "baseline.pth", "student": "student.pth", "pruned": "pruned.pth", "int8": "int8.onnx",
              "seed_recipe": "seed_recipe.pth"}
+MADE_BY = {stage: "train_baseline.py" if stage == "baseline" else "compress_model.py" for stage in ARTIFACTS}
 
 
 def atomic_save(obj, path):

@@ -139,10 +139,11 @@ def load_seed_recipe(path):
 
 
 def onnx_param_counts(path):
-    """(parameters, nonzero) of an ONNX file: its weight and bias initializers (quantization scales and zero
-    points, and the input-normalisation constants, are not counted)."""
+    """(parameters, nonzero) of an ONNX file: its weight and bias initializers, as stored (BatchNorm folded
+    into the convolutions by the exporter); quantization scales, zero points and the input-normalisation
+    constants are not counted."""
     import onnx
     from onnx import numpy_helper
     arrays = [numpy_helper.to_array(t) for t in onnx.load(path).graph.initializer
-              if not t.name.endswith(("_scale", "_zero_point")) and len(t.dims) >= 1 and np.prod(t.dims) > 3]
+              if ("weight" in t.name or "bias" in t.name) and not t.name.endswith(("_scale", "_zero_point"))]
     return sum(a.size for a in arrays), sum(int(np.count_nonzero(a)) for a in arrays)
