@@ -69,7 +69,8 @@ def load_cifar10(data_dir, download):
         try:
             CIFAR10(data_dir, train=True, download=download)
         except Exception as e:  # offline, interrupted download, failed integrity check
-            raise UserError(f"could not download CIFAR-10 into {data_dir}: {type(e).__name__}: {e}") from None
+            raise UserError(f"could not download CIFAR-10 into {data_dir} ({type(e).__name__}: {e}); offline, "
+                            f"set DATA_DIR to a local copy (CIFAR-10 or ImageFolder layout)") from None
     try:
         classes = read_pickle(os.path.join(folder, "batches.meta"))["label_names"]
         train = [read_pickle(os.path.join(folder, f"data_batch_{i}")) for i in range(1, 6)]
