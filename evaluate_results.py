@@ -8,7 +8,6 @@ also exported to ONNX, so that the baseline and the INT8 model are timed on the 
 """
 import json
 import os
-import platform
 import time
 
 import torch

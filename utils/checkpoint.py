@@ -84,10 +84,6 @@ def describe(spec):
     return f"{spec.get('class')}(stem={kw.get('stem')}, widths={kw.get('widths')})"
 
 
-def file_mib(path):
-    return os.path.getsize(path) / 2**20
-
-
 def load_clean_state_dict(model, state_dict):
     """Load a plain state_dict, also into a model under pruning (weights go to `*_orig`, masks stay)."""
     own = model.state_dict()

@@ -2,11 +2,9 @@
 import gzip
 import os
 import platform
-import os
 import statistics
 import time
 
-import numpy as np
 import torch
 
 
