@@ -92,7 +92,8 @@ def train_stage(stage, model, objective, lr, epochs, train, val, cfg, inputs, me
     meta = {"stage": stage, "model": model.spec, "config": cfg, "resume_key": resume_key, **meta_extra}
     path = os.path.join(cfg["OUT_DIR"], ARTIFACTS[stage])
     fit(model, objective, opt, sched, train, val, epochs=epochs, batch_size=cfg["BATCH_SIZE"], device=cfg["DEVICE"],
-        seed=cfg["SEED"], ckpt_path=path, meta=meta, made_by="compress_model.py")
+        seed=cfg["SEED"], ckpt_path=path, meta=meta, made_by="compress_model.py",
+        channels_last=cfg["CHANNELS_LAST"])
     return path
 
 

@@ -125,10 +125,11 @@ def resume_state(model, optimizer, scheduler, ckpt_path, meta, made_by):
 
 
 def fit(model, objective, optimizer, scheduler, train, val, *, epochs, batch_size, device, seed, ckpt_path, meta,
-        made_by):
+        made_by, channels_last=False):
     """Train `epochs` epochs on `train`, validate on `val` after each, and checkpoint each finished epoch.
 
     meta: what describes the run (stage, model spec, config, resume_key); stored in every checkpoint.
+    channels_last: feed batches in channels-last memory format (match the model's).
     An unfinished checkpoint at ckpt_path made with the same meta is resumed; a finished one is loaded.
     Returns the per-epoch history.
     """
@@ -136,7 +137,6 @@ def fit(model, objective, optimizer, scheduler, train, val, *, epochs, batch_siz
     if finished:
         return history
     steps = num_batches(len(train[0]), batch_size, train=True)
-    channels_last = device != "cpu" or meta["config"].get("CHANNELS_LAST", True)
     for epoch in range(start, epochs):
         t0 = time.time()
         gen = torch.Generator().manual_seed(seed * 1000 + epoch)
