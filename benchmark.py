@@ -46,6 +46,7 @@ def main(argv):
         print(f"  [{'met' if c['met'] else 'MISSED'}] {c['target']}")
     with open(os.path.join(out, "benchmark.json"), "w") as f:
         json.dump({"timing": timing, "checks": checks, "command": " ".join([sys.argv[0]] + argv),
+                   "DATA_DIR": os.environ.get("DATA_DIR", ""),
                    "host": platform.node(), "results": results}, f, indent=2)
 
 
