@@ -66,14 +66,9 @@ def check_config(cfg):
     check_range(cfg, "WEIGHT_DECAY", 0, 1)
 
 
-def summary(model, path, val_acc):
-    """What a before-to-after line shows of one model."""
-    params, nonzero = count_params(model)
-    return {"params": params, "nonzero": nonzero, "mib": os.path.getsize(path) / 2**20, "val_acc": val_acc}
-
-
-def onnx_summary(path, val_acc):
-    params, nonzero = onnx_param_counts(path)
+def summary(counts, path, val_acc):
+    """What a before-to-after line shows of one model: counts = (parameters, nonzero), its file, its accuracy."""
+    params, nonzero = counts
     return {"params": params, "nonzero": nonzero, "mib": os.path.getsize(path) / 2**20, "val_acc": val_acc}
 
 
@@ -92,8 +87,7 @@ def train_stage(stage, model, objective, lr, epochs, train, val, cfg, inputs, me
     meta = {"stage": stage, "model": model.spec, "config": cfg, "resume_key": resume_key, **meta_extra}
     path = os.path.join(cfg["OUT_DIR"], ARTIFACTS[stage])
     fit(model, objective, opt, sched, train, val, epochs=epochs, batch_size=cfg["BATCH_SIZE"], device=cfg["DEVICE"],
-        seed=cfg["SEED"], ckpt_path=path, meta=meta, made_by="compress_model.py",
-        channels_last=cfg["CHANNELS_LAST"])
+        seed=cfg["SEED"], ckpt_path=path, meta=meta, channels_last=cfg["CHANNELS_LAST"])
     return path
 
 
@@ -105,7 +99,7 @@ def main(argv):
     torch.manual_seed(cfg["SEED"])
     device, out = cfg["DEVICE"], cfg["OUT_DIR"]
     base_path = os.path.join(out, ARTIFACTS["baseline"])
-    base_ckpt = load_checkpoint(base_path, "baseline", "train_baseline.py")
+    base_ckpt = load_checkpoint(base_path, "baseline")
     teacher = load_model(base_ckpt, base_path).to(device)
     data = load_dataset(cfg["DATA_DIR"], cfg["DOWNLOAD"], out)
     base_cfg = base_ckpt["config"]
@@ -114,7 +108,7 @@ def main(argv):
         train = (train[0][:base_cfg["TRAIN_SUBSET"]], train[1][:base_cfg["TRAIN_SUBSET"]])
     train, val = [tuple(t.to(device) for t in split) for split in (train, val)]
     t_start = time.time()
-    teacher_stats = summary(teacher, base_path, model_accuracy(teacher, *val, batch_size=512, device=device))
+    teacher_stats = summary(count_params(teacher), base_path, model_accuracy(teacher, *val, batch_size=512, device=device))
 
     # 2. Knowledge distillation into a narrower student (loss: KD_ALPHA*T^2*KL + (1-KD_ALPHA)*CE)
     w = cfg["STUDENT_WIDTH"]
@@ -126,7 +120,7 @@ def main(argv):
     teacher_id = weights_fingerprint(base_ckpt["state_dict"])
     path = train_stage("student", student, kd, cfg["KD_LR"], cfg["KD_EPOCHS"], train, val, cfg,
                        {"teacher": teacher_id}, {"teacher": base_path, "classes": base_ckpt["classes"]})
-    student_stats = summary(student, path, model_accuracy(student, *val, batch_size=512, device=device))
+    student_stats = summary(count_params(student), path, model_accuracy(student, *val, batch_size=512, device=device))
     print_change("distill", teacher_stats, student_stats)
 
     # 3. Global magnitude pruning, fine-tuning with the masks kept, then the zeros made permanent
@@ -142,7 +136,7 @@ def main(argv):
                        {"teacher": base_path, "classes": base_ckpt["classes"]})
     make_pruning_permanent(pruned)
     pruned = pruned.to("cpu", memory_format=torch.contiguous_format).eval()
-    pruned_stats = summary(pruned, path, model_accuracy(pruned, *val, batch_size=512, device="cpu"))
+    pruned_stats = summary(count_params(pruned), path, model_accuracy(pruned, *val, batch_size=512, device="cpu"))
     print_change("prune", student_stats, pruned_stats)
     print(f"pruning: {weight_sparsity(pruned):.2%} of conv+linear weights are zero after fine-tuning")
 
@@ -156,7 +150,8 @@ def main(argv):
                                    "input": "float32 (N, 3, 32, 32) RGB in [0, 1]", "source": path})
     int8_val = predict_accuracy(ort_predict(ort_session(int8_path, os.cpu_count())), *val, batch_size=500,
                                 device="cpu")
-    print_change("int8", onnx_summary(float_onnx, pruned_stats["val_acc"]), onnx_summary(int8_path, int8_val))
+    print_change("int8", summary(onnx_param_counts(float_onnx), float_onnx, pruned_stats["val_acc"]),
+                 summary(onnx_param_counts(int8_path), int8_path, int8_val))
     print(f"int8: {os.path.getsize(float_onnx) / os.path.getsize(int8_path):.2f}x smaller than the float ONNX export")
 
     # 5. The original README's recipe, for comparison: quantize_dynamic on the pruned model, saved as a state_dict

@@ -51,7 +51,7 @@ def latencies(predict, test_x, cfg):
 def measure_float(stage, test, cfg, threads):
     """A .pth float model: accuracy and latency in eager PyTorch, and again as its ONNX export in ONNX Runtime."""
     path = os.path.join(cfg["OUT_DIR"], ARTIFACTS[stage])
-    model = load_model(load_checkpoint(path, stage, MADE_BY[stage]), path)
+    model = load_model(load_checkpoint(path, stage), path)
     params, nonzero = count_params(model)
     eager = eager_predict(model)
     onnx_path = export_onnx(model, os.path.join(cfg["OUT_DIR"], "onnx", f"{stage}_fp32.onnx"))

@@ -84,8 +84,7 @@ def main(argv):
     t0 = time.time()
     history = fit(model, cross_entropy_objective(cfg["LABEL_SMOOTHING"]), opt, sched, train, val,
                   epochs=cfg["EPOCHS"], batch_size=cfg["BATCH_SIZE"], device=device, seed=cfg["SEED"],
-                  ckpt_path=path, meta=meta, made_by="train_baseline.py",
-                  channels_last=cfg["CHANNELS_LAST"])
+                  ckpt_path=path, meta=meta, channels_last=cfg["CHANNELS_LAST"])
 
     # 5. Summary: validation accuracy of the final weights (the test split is evaluate_results.py's)
     val_acc = model_accuracy(model, *val, batch_size=512, device=device)

@@ -42,7 +42,7 @@ def test_int8_artifact_is_small_runs_alone_and_agrees_with_float(pipeline, image
     assert all(dq_out.get(n.input[1]) in int8_inits for n in graph.node if n.op_type == "Conv")
     # agreement of predictions with the pruned float model, on the test images
     test_x = load_dataset(imagefolder, False, pipeline)["test"][0].float() / 255
-    pruned = load_model(load_checkpoint(os.path.join(pipeline, "pruned.pth"), "pruned", "x"), "pruned.pth")
+    pruned = load_model(load_checkpoint(os.path.join(pipeline, "pruned.pth"), "pruned"), "pruned.pth")
     with torch.no_grad():
         float_pred = pruned(test_x).argmax(1)
     int8_pred = ort_predict(ort_session(int8_path, 2))(test_x).argmax(1)
@@ -50,7 +50,7 @@ def test_int8_artifact_is_small_runs_alone_and_agrees_with_float(pipeline, image
 
 
 def test_pruned_checkpoint_keeps_exact_global_sparsity(pipeline):
-    ckpt = load_checkpoint(os.path.join(pipeline, "pruned.pth"), "pruned", "x")
+    ckpt = load_checkpoint(os.path.join(pipeline, "pruned.pth"), "pruned")
     model = load_model(ckpt, "pruned.pth")
     n = sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
     assert abs(weight_sparsity(model) - round(0.4 * n) / n) < 1e-9

@@ -49,12 +49,12 @@ def test_pruning_reaches_exact_global_sparsity_and_keeps_it_through_finetuning(t
     opt, sched = sgd_one_cycle(model, 0.05, 0.9, 5e-4, 2, 4)
     meta = {"stage": "pruned", "model": model.spec, "config": {}, "resume_key": {}}
     fit(model, cross_entropy_objective(0.0), opt, sched, tiny_data(), tiny_data(16, 1), epochs=2, batch_size=16,
-        device="cpu", seed=0, ckpt_path=str(tmp_path / "p.pth"), meta=meta, made_by="test")
+        device="cpu", seed=0, ckpt_path=str(tmp_path / "p.pth"), meta=meta)
     make_pruning_permanent(model)
     after = clean_state_dict(model)
     assert all(torch.equal(after[k] == 0, z) for k, z in zeros_before.items()), "fine-tuning changed the mask"
     assert weight_sparsity(model) == round(0.4 * n) / n
-    saved = load_model(load_checkpoint(str(tmp_path / "p.pth"), "pruned", "test"), "p.pth")
+    saved = load_model(load_checkpoint(str(tmp_path / "p.pth"), "pruned"), "p.pth")
     assert weight_sparsity(saved) == round(0.4 * n) / n
 
 
@@ -63,7 +63,7 @@ def test_checkpoint_round_trip_rebuilds_the_architecture(tmp_path):
     path = str(tmp_path / "m.pth")
     atomic_save({"format": "compress-ckpt-v1", "stage": "student", "model": model.spec,
                  "state_dict": clean_state_dict(model)}, path)
-    loaded = load_model(load_checkpoint(path, "student", "test"), path)
+    loaded = load_model(load_checkpoint(path, "student"), path)
     x = torch.rand(2, 3, 32, 32)
     assert torch.equal(loaded(x), model(x))
     assert weights_fingerprint(loaded.state_dict()) == weights_fingerprint(model.state_dict())

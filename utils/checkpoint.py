@@ -50,10 +50,10 @@ def clean_state_dict(model):
     return out
 
 
-def load_checkpoint(path, stage, made_by):
+def load_checkpoint(path, stage):
     """Read a checkpoint written by this pipeline; any problem is a one-line UserError."""
     if not os.path.exists(path):
-        raise UserError(f"no {stage} checkpoint at {path}: run {made_by} first")
+        raise UserError(f"no {stage} checkpoint at {path}: run {MADE_BY[stage]} first")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -65,12 +65,16 @@ def load_checkpoint(path, stage, made_by):
     return ckpt
 
 
-def load_model(ckpt, path, expect_spec=None):
+def check_same_model(ckpt, spec, path):
+    """A checkpoint of another architecture than the constants ask for is a UserError."""
+    if ckpt["model"] != spec:
+        raise UserError(f"{path} holds a {describe(ckpt['model'])}, but the constants ask for a "
+                        f"{describe(spec)}; delete it or use the constants it was made with")
+
+
+def load_model(ckpt, path):
     """Rebuild the checkpoint's model from its own description and load its weights."""
     from .models import build_model
-    if expect_spec is not None and ckpt["model"] != expect_spec:
-        raise UserError(f"{path} holds a {describe(ckpt['model'])}, but the constants ask for a "
-                        f"{describe(expect_spec)}; delete it or use the constants it was made with")
     try:
         model = build_model(ckpt["model"])
         model.load_state_dict(ckpt["state_dict"])

@@ -129,7 +129,7 @@ def load_seed_recipe(path):
     from .checkpoint import load_checkpoint
     from .config import UserError
     from .models import build_model
-    ckpt = load_checkpoint(path, "seed_recipe", "compress_model.py")
+    ckpt = load_checkpoint(path, "seed_recipe")
     model = seed_recipe_model(build_model(ckpt["model"]))
     try:
         model.load_state_dict(ckpt["state_dict"])

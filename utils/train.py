@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoint import FORMAT, atomic_save, clean_state_dict, load_checkpoint, versions
+from .checkpoint import (FORMAT, atomic_save, check_same_model, clean_state_dict, load_checkpoint,
+                         load_clean_state_dict, versions)
 from .config import UserError
 from .data import batches, num_batches
 
@@ -101,15 +102,12 @@ def train_one_epoch(model, objective, optimizer, scheduler, loader, total, desc)
     return running / max(seen, 1)
 
 
-def resume_state(model, optimizer, scheduler, ckpt_path, meta, made_by):
+def resume_state(model, optimizer, scheduler, ckpt_path, meta):
     """Load an earlier run of the same stage from ckpt_path: (next epoch, history, finished)."""
     if not os.path.exists(ckpt_path):
         return 0, [], False
-    ckpt = load_checkpoint(ckpt_path, meta["stage"], made_by)
-    from .checkpoint import describe, load_clean_state_dict
-    if ckpt["model"] != meta["model"]:
-        raise UserError(f"{ckpt_path} holds a {describe(ckpt['model'])}, but the constants ask for a "
-                        f"{describe(meta['model'])}; delete it or use the constants it was made with")
+    ckpt = load_checkpoint(ckpt_path, meta["stage"])
+    check_same_model(ckpt, meta["model"], ckpt_path)
     if ckpt.get("resume_key") != meta["resume_key"]:
         changed = sorted(k for k in meta["resume_key"] if ckpt.get("resume_key", {}).get(k) != meta["resume_key"][k])
         raise UserError(f"{ckpt_path} was made with other values of {', '.join(changed)}; "
@@ -125,7 +123,7 @@ def resume_state(model, optimizer, scheduler, ckpt_path, meta, made_by):
 
 
 def fit(model, objective, optimizer, scheduler, train, val, *, epochs, batch_size, device, seed, ckpt_path, meta,
-        made_by, channels_last=False):
+        channels_last=False):
     """Train `epochs` epochs on `train`, validate on `val` after each, and checkpoint each finished epoch.
 
     meta: what describes the run (stage, model spec, config, resume_key); stored in every checkpoint.
@@ -133,7 +131,7 @@ def fit(model, objective, optimizer, scheduler, train, val, *, epochs, batch_siz
     An unfinished checkpoint at ckpt_path made with the same meta is resumed; a finished one is loaded.
     Returns the per-epoch history.
     """
-    start, history, finished = resume_state(model, optimizer, scheduler, ckpt_path, meta, made_by)
+    start, history, finished = resume_state(model, optimizer, scheduler, ckpt_path, meta)
     if finished:
         return history
     steps = num_batches(len(train[0]), batch_size, train=True)
