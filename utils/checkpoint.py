@@ -12,7 +12,7 @@ from .config import UserError
 FORMAT = "compress-ckpt-v1"
 # What each stage leaves in OUT_DIR.
 ARTIFACTS = {"baseline": "baseline.pth", "student": "student.pth", "pruned": "pruned.pth", "int8": "int8.onnx",
-             "seed_recipe": "seed_recipe.pth"}
+             "int8_sparse": "int8.sparse", "seed_recipe": "seed_recipe.pth"}
 MADE_BY = {stage: "train_baseline.py" if stage == "baseline" else "compress_model.py" for stage in ARTIFACTS}
 
 
@@ -85,7 +85,8 @@ def load_model(ckpt, path):
 
 def describe(spec):
     kw = spec.get("kwargs", {})
-    return f"{spec.get('class')}(stem={kw.get('stem')}, widths={kw.get('widths')})"
+    mids = f", mids={kw['mids']}" if kw.get("mids") else ""
+    return f"{spec.get('class')}(stem={kw.get('stem')}, widths={kw.get('widths')}{mids})"
 
 
 def load_clean_state_dict(model, state_dict):
