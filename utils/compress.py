@@ -1,5 +1,5 @@
-"""Compression stages: global magnitude pruning (torch.nn.utils.prune), ONNX export, and static INT8
-quantization with ONNX Runtime (QDQ format, per-channel weights, calibrated on training images)."""
+"""ONNX export and static INT8 quantization with ONNX Runtime (QDQ format, per-channel weights, calibrated on
+training images), optionally with some layers kept in float; parameter counts; the original README's recipe."""
 import contextlib
 import copy
 import io
@@ -9,33 +9,9 @@ import warnings
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils import prune
 
 ONNX_INPUT = "input"  # float32 (N, 3, H, W), RGB in [0, 1]; normalisation happens inside the model
 ONNX_OUTPUT = "logits"
-
-
-def prunable_weights(model):
-    """(module, "weight") of every Conv2d and Linear: what global pruning ranks together."""
-    return [(m, "weight") for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-
-
-def global_magnitude_prune(model, amount):
-    """Zero the `amount` fraction of conv and linear weights with the smallest |w|, ranked over the whole model.
-    The masks stay attached (weight = weight_orig * weight_mask) so fine-tuning keeps the zeros."""
-    prune.global_unstructured(prunable_weights(model), pruning_method=prune.L1Unstructured, amount=amount)
-
-
-def make_pruning_permanent(model):
-    for module, name in prunable_weights(model):
-        if prune.is_pruned(module):
-            prune.remove(module, name)
-
-
-def weight_sparsity(model):
-    """Fraction of conv and linear weights that are exactly zero."""
-    weights = [getattr(m, n) for m, n in prunable_weights(model)]
-    return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
 
 
 def count_params(model):
@@ -73,18 +49,29 @@ class CalibrationReader:
         return next(self.batches, None)
 
 
-def quantize_int8(float_onnx, int8_onnx, calib_images, per_channel=True, method="MinMax"):
+def layer_nodes(onnx_path):
+    """{layer name: ONNX node name} of each Conv and Gemm, found by its weight initializer ("<layer>.weight")."""
+    import onnx
+    return {n.input[1][:-len(".weight")]: n.name for n in onnx.load(onnx_path).graph.node
+            if n.op_type in ("Conv", "Gemm") and n.input[1].endswith(".weight")}
+
+
+def quantize_int8(float_onnx, int8_onnx, calib_images, per_channel=True, method="MinMax", keep_float=(), only=None):
     """Static post-training INT8: every Conv and Gemm gets int8 weights (per output channel) and uint8
-    activations, with ranges calibrated on `calib_images` (float, (N, 3, H, W) in [0, 1])."""
+    activations, with ranges calibrated on `calib_images` (float, (N, 3, H, W) in [0, 1]).
+    keep_float: layer names left in float (mixed precision); only: quantize just these layers."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
     prepared = f"{int8_onnx}.prep{os.getpid()}.onnx"
     tmp = f"{int8_onnx}.tmp{os.getpid()}.onnx"
     try:
         quant_pre_process(float_onnx, prepared, skip_symbolic_shape=True)
+        nodes = layer_nodes(prepared)
         quantize_static(prepared, tmp, CalibrationReader(calib_images), quant_format=QuantFormat.QDQ,
                         per_channel=per_channel, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
-                        calibrate_method=getattr(CalibrationMethod, method))
+                        calibrate_method=getattr(CalibrationMethod, method),
+                        nodes_to_exclude=[nodes[n] for n in keep_float],
+                        nodes_to_quantize=None if only is None else [nodes[n] for n in only])
         os.replace(tmp, int8_onnx)
     finally:
         for f in (prepared, tmp):
@@ -138,12 +125,13 @@ def load_seed_recipe(path):
     return model
 
 
-def onnx_param_counts(path):
-    """(parameters, nonzero) of an ONNX file: its weight and bias initializers, as stored (BatchNorm folded
-    into the convolutions by the exporter); quantization scales, zero points and the input-normalisation
-    constants are not counted."""
+def onnx_param_counts(model):
+    """(parameters, nonzero) of an ONNX model (a path or a ModelProto): its weight and bias initializers, as
+    stored (BatchNorm folded into the convolutions by the exporter); quantization scales, zero points and the
+    input-normalisation constants are not counted."""
     import onnx
     from onnx import numpy_helper
-    arrays = [numpy_helper.to_array(t) for t in onnx.load(path).graph.initializer
+    model = onnx.load(model) if isinstance(model, str) else model
+    arrays = [numpy_helper.to_array(t) for t in model.graph.initializer
               if ("weight" in t.name or "bias" in t.name) and not t.name.endswith(("_scale", "_zero_point"))]
     return sum(a.size for a in arrays), sum(int(np.count_nonzero(a)) for a in arrays)
