@@ -10,12 +10,15 @@ import json
 import os
 import time
 
+import onnx
 import torch
 
 from utils.checkpoint import ARTIFACTS, MADE_BY, atomic_write_text, load_checkpoint, load_model, versions
 from utils.compress import count_params, export_onnx, load_seed_recipe, onnx_param_counts
 from utils.config import UserError, check_range, print_config, resolve_config, run_cli, script_constants
 from utils.data import load_dataset
+from utils.plots import plot_pareto
+from utils.sparse import load_sparse_onnx
 from utils.measure import (eager_predict, gzip_size, machine_info, median_latency_ms, ort_predict, ort_session,
                            results_table)
 from utils.train import predict_accuracy
@@ -63,11 +66,21 @@ def measure_float(stage, test, cfg, threads):
             "latency": {"onnxruntime": latencies(session, test[0], cfg), "pytorch": latencies(eager, test[0], cfg)}}
 
 
-def measure_int8(test, cfg, threads):
-    path = os.path.join(cfg["OUT_DIR"], ARTIFACTS["int8"])
-    session = ort_predict(ort_session(path, threads))
-    params, nonzero = onnx_param_counts(path)
-    return {"stage": "int8", "artifact": path, "runtime": "onnxruntime (int8)",
+def measure_int8(stage, test, cfg, threads):
+    """The INT8 model as ONNX Runtime runs it: from int8.onnx, or rebuilt in memory from the compact archive
+    int8.sparse (so that archive's accuracy is that of the weights it restores)."""
+    path = os.path.join(cfg["OUT_DIR"], ARTIFACTS[stage])
+    if stage == "int8_sparse":
+        try:
+            model = load_sparse_onnx(path)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    else:
+        model = onnx.load(path)
+    session = ort_predict(ort_session(model.SerializeToString(), threads))
+    params, nonzero = onnx_param_counts(model)
+    runtime = "onnxruntime (int8, archive)" if stage == "int8_sparse" else "onnxruntime (int8)"
+    return {"stage": stage, "artifact": path, "runtime": runtime,
             "accuracy": predict_accuracy(session, *test, cfg["EVAL_BATCH"]), "params": params,
             "nonzero_params": nonzero, "latency": {"onnxruntime": latencies(session, test[0], cfg)}}
 
@@ -109,6 +122,8 @@ def main(argv):
     for stage, path in ARTIFACTS.items():
         if not os.path.exists(os.path.join(cfg["OUT_DIR"], path)):
             raise UserError(f"no {stage} artifact at {os.path.join(cfg['OUT_DIR'], path)}: run {MADE_BY[stage]} first")
+    if not os.path.exists(os.path.join(cfg["OUT_DIR"], "search.json")):
+        raise UserError(f"no search.json in {cfg['OUT_DIR']}: run compress_model.py first")
     data = load_dataset(cfg["DATA_DIR"], cfg["DOWNLOAD"], cfg["OUT_DIR"])
     test = data["test"][:2]
 
@@ -118,13 +133,21 @@ def main(argv):
     for stage in FLOAT_STAGES:
         rows.append(measure_float(stage, test, cfg, threads))
         print(f"measured {stage}: test accuracy {rows[-1]['accuracy']:.2f}%", flush=True)
-    rows.append(measure_int8(test, cfg, threads))
-    print(f"measured int8: test accuracy {rows[-1]['accuracy']:.2f}%", flush=True)
+    for stage in ("int8", "int8_sparse"):
+        rows.append(measure_int8(stage, test, cfg, threads))
+        print(f"measured {stage}: test accuracy {rows[-1]['accuracy']:.2f}%", flush=True)
     rows.append(measure_seed_recipe(test, cfg))
     print(f"measured seed_recipe: test accuracy {rows[-1]['accuracy']:.2f}%", flush=True)
     add_sizes_and_ratios(rows)
 
-    # 4. The table on the terminal, results.md and results.json
+    # 4. The search's candidates (validation accuracy) against size and speed: Pareto fronts in pareto.png
+    search = json.load(open(os.path.join(cfg["OUT_DIR"], "search.json")))
+    plot_pareto(search, os.path.join(cfg["OUT_DIR"], "pareto.png"))
+    search_summary = {k: search[k] for k in ("chosen", "objective", "floor", "baseline_val_acc", "budget_met", "seconds")}
+    print(f"search: chose {search['chosen']} of {len(search['candidates'])} candidates (OBJECTIVE={search['objective']}, "
+          f"validation floor {search['floor']:.2f}%); Pareto fronts in {cfg['OUT_DIR']}/pareto.png")
+
+    # 5. The table on the terminal, results.md and results.json
     table = results_table(rows)
     print(table)
     machine = {**machine_info(), "threads": threads, **versions()}
@@ -133,7 +156,7 @@ def main(argv):
     atomic_write_text(os.path.join(cfg["OUT_DIR"], "results.md"), header + table + "\n")
     atomic_write_text(os.path.join(cfg["OUT_DIR"], "results.json"), json.dumps(
         {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "config": cfg, "machine": machine,
-         "test_images": len(test[0]), "rows": rows}, indent=2) + "\n")
+         "test_images": len(test[0]), "search": search_summary, "rows": rows}, indent=2) + "\n")
     print(f"wrote {cfg['OUT_DIR']}/results.json and results.md ({time.time() - t0:.0f}s of measuring)")
 
 

@@ -6,11 +6,12 @@ import onnx
 import torch
 
 from utils.checkpoint import load_checkpoint, load_model
-from utils.compress import weight_sparsity
+from utils.prune import weight_sparsity
+from utils.sparse import load_sparse_onnx
 from utils.data import load_dataset
 from utils.measure import ort_predict, ort_session
 
-STAGES = ["baseline", "student", "pruned", "int8", "seed_recipe"]
+STAGES = ["baseline", "student", "pruned", "int8", "int8_sparse", "seed_recipe"]
 REQUIRED = ["stage", "artifact", "runtime", "accuracy", "size_bytes", "params", "nonzero_params", "latency_b1_ms",
             "latency_b64_ms"]
 
@@ -49,18 +50,36 @@ def test_int8_artifact_is_small_runs_alone_and_agrees_with_float(pipeline, image
     assert (float_pred == int8_pred).float().mean() >= 0.9
 
 
-def test_pruned_checkpoint_keeps_exact_global_sparsity(pipeline):
+def test_search_logs_candidates_and_ships_the_chosen_one(pipeline):
+    search = json.load(open(os.path.join(pipeline, "search.json")))
+    names = [c["name"] for c in search["candidates"]]
+    assert names[:4] == ["student", "struct1", "sparse1", "sparse2"]  # nothing breaks a budget of 100 points
+    assert len(names) == 5 and names[4].endswith("_ft")  # the recovery fine-tuning of the first choice
+    chosen = next(c for c in search["candidates"] if c["name"] == search["chosen"])
+    assert search["budget_met"] and chosen["within_budget"] and chosen["val_acc"] >= search["floor"]
+    assert search["floor"] == search["baseline_val_acc"] - 100
+    # pruned.pth is the chosen model, rebuilt in its pruned shape from its own description
     ckpt = load_checkpoint(os.path.join(pipeline, "pruned.pth"), "pruned")
     model = load_model(ckpt, "pruned.pth")
-    n = sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
-    assert abs(weight_sparsity(model) - round(0.4 * n) / n) < 1e-9
-    assert ckpt["finished"] and ckpt["optimizer"] is None
+    assert ckpt["model"]["kwargs"].get("mids") == chosen["mids"] and ckpt["finished"] and ckpt["optimizer"] is None
+    assert abs(weight_sparsity(model) - chosen["sparsity"]) < 1e-9
+    sparse_steps = [c["sparsity"] for c in search["candidates"][2:4]]
+    assert sparse_steps == sorted(sparse_steps) and sparse_steps[-1] > 0.5
+    # the compact archive holds exactly int8.onnx, and is smaller
+    restored = load_sparse_onnx(os.path.join(pipeline, "int8.sparse"))
+    assert restored.SerializeToString() == onnx.load(os.path.join(pipeline, "int8.onnx")).SerializeToString()
+    for name in ("sensitivity.png", "sensitivity.md", "pareto.png"):
+        assert os.path.getsize(os.path.join(pipeline, name)) > 1000
+    sens = json.load(open(os.path.join(pipeline, "sensitivity.json")))
+    assert set(sens["int8"]) == set(sens["unstructured"]) and len(sens["structured"]) == 8
 
 
 def test_seed_recipe_leaves_convolutions_float(pipeline):
     results = {r["stage"]: r for r in json.load(open(os.path.join(pipeline, "results.json")))["rows"]}
     assert results["seed_recipe"]["size_bytes"] > 0.9 * results["pruned"]["size_bytes"]
     assert results["int8"]["size_bytes"] < 0.35 * results["pruned"]["size_bytes"]
+    assert results["int8_sparse"]["size_bytes"] < results["int8"]["size_bytes"]
+    assert results["int8_sparse"]["accuracy"] == results["int8"]["accuracy"]
 
 
 def test_cifar_pickle_layout_is_read(tmp_path):

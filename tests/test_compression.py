@@ -1,0 +1,126 @@
+"""The compression pieces of the search on tiny models: structured pruning that rebuilds, sparse storage that
+restores bit-exact weights, the ratio allocation, the AGP schedule, and the budget logic."""
+import os
+
+import onnx
+import pytest
+import torch
+
+from test_units import tiny_data, tiny_model
+from utils.checkpoint import atomic_save, clean_state_dict, load_checkpoint, load_model
+from utils.compress import export_onnx, quantize_int8
+from utils.prune import (agp_schedule, allocate, blocks, magnitude_masks, make_pruning_permanent, prunable_layers,
+                         ratio_at, structured_prune, weight_sparsity)
+from utils.search import choose, quantize_within_budget, score
+from utils.sparse import load_sparse_onnx, save_sparse_onnx
+
+
+def test_structured_pruning_shrinks_layers_and_the_checkpoint_rebuilds_the_new_shape(tmp_path):
+    model = tiny_model().eval()
+    counts = {name: max(1, b.conv1.out_channels // 4) for name, b in blocks(model).items()}
+    counts["layer1.0"] = 8  # left whole
+    pruned = structured_prune(model, counts).eval()
+    assert [b.conv1.out_channels for b in blocks(pruned).values()] == list(counts.values())
+    assert pruned.spec["kwargs"]["mids"] == list(counts.values())
+    assert sum(p.numel() for p in pruned.parameters()) < 0.5 * sum(p.numel() for p in model.parameters())
+    x = torch.rand(4, 3, 32, 32)
+    assert pruned(x).shape == (4, 4)
+    # keeping every channel changes nothing: the residual connections stay consistent
+    whole = structured_prune(model, {name: b.conv1.out_channels for name, b in blocks(model).items()}).eval()
+    assert torch.allclose(whole(x), model(x))
+    path = str(tmp_path / "pruned.pth")
+    atomic_save({"format": "compress-ckpt-v1", "stage": "pruned", "model": pruned.spec,
+                 "state_dict": clean_state_dict(pruned)}, path)
+    loaded = load_model(load_checkpoint(path, "pruned"), path)
+    assert torch.equal(loaded(x), pruned(x))
+
+
+def test_structured_pruning_keeps_the_most_important_channels():
+    model = tiny_model().eval()
+    block = blocks(model)["layer2.1"]
+    with torch.no_grad():
+        block.conv1.weight[3] *= 100  # channel 3 carries the most
+        block.conv1.weight[5] = 0     # channel 5 carries nothing
+    pruned = structured_prune(model, {"layer2.1": 2})
+    kept = blocks(pruned)["layer2.1"].conv1.weight
+    assert torch.equal(kept[0], block.conv1.weight[3]) or torch.equal(kept[1], block.conv1.weight[3])
+    assert all(kept[i].abs().sum() > 0 for i in range(2))
+
+
+def quantized_tiny(tmp_path, sparsity):
+    model = tiny_model().eval()
+    magnitude_masks(model, {name: sparsity for name in prunable_layers(model)})
+    make_pruning_permanent(model)
+    float_onnx = export_onnx(model, str(tmp_path / "f.onnx"))
+    calib = tiny_data(32)[0].float() / 255
+    return quantize_int8(float_onnx, str(tmp_path / "q.onnx"), calib)
+
+
+def test_sparse_storage_round_trip_is_bit_exact_and_shrinks_with_sparsity(tmp_path):
+    int8 = quantized_tiny(tmp_path, 0.8)
+    size = save_sparse_onnx(int8, str(tmp_path / "q.sparse"))
+    restored = load_sparse_onnx(str(tmp_path / "q.sparse"))
+    original = onnx.load(int8)
+    assert restored.SerializeToString() == original.SerializeToString()
+    weights = [t for t in original.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.raw_data) >= 64]
+    assert weights and all(t.raw_data == r.raw_data for t, r in zip(weights, restored.graph.initializer) if t.name == r.name)
+    assert size == os.path.getsize(tmp_path / "q.sparse") < 0.45 * os.path.getsize(int8)
+    dense = quantized_tiny(tmp_path / "dense", 0.0)
+    assert save_sparse_onnx(dense, str(tmp_path / "d.sparse")) > 1.5 * size
+
+
+def test_sparse_loader_rejects_other_files(tmp_path):
+    (tmp_path / "x.sparse").write_bytes(b"not an archive")
+    with pytest.raises(ValueError, match="not a compact sparse model"):
+        load_sparse_onnx(str(tmp_path / "x.sparse"))
+
+
+def test_ratio_allocation_follows_sensitivity_and_hits_the_target():
+    curves = {"tough": [(0.5, 2.0), (0.9, 10.0)], "easy": [(0.5, 0.1), (0.9, 0.5)]}
+    sizes = {"tough": 100, "easy": 300}
+    ratios = allocate(curves, sizes, 0.6)
+    assert ratios["easy"] > ratios["tough"]
+    assert (ratios["tough"] * 100 + ratios["easy"] * 300) / 400 == pytest.approx(0.6, abs=1e-6)
+    assert allocate(curves, sizes, 0.99) == {"tough": 0.9, "easy": 0.9}  # never beyond what was measured
+    assert ratio_at([(0.5, 1.0), (0.9, 3.0)], 2.0) == pytest.approx(0.7)
+
+
+def test_agp_schedule_is_cubic_and_ends_at_the_target():
+    steps = agp_schedule(0.8, 4)
+    assert steps[-1] == pytest.approx(0.8) and steps == sorted(steps)
+    assert steps[0] > 0.8 / 4  # prunes fast early, slowly late
+    assert weight_sparsity(tiny_model()) == 0
+
+
+def entry(name, acc, mib, b1, b64, floor=80.0):
+    return {"name": name, "val_acc": acc, "within_budget": acc >= floor, "bytes": mib * 2**20, "b1_ms": b1,
+            "b64_ms": b64, "size_ratio": 40 / mib, "speedup_b1": 1.0 / b1, "speedup_b64": 10.0 / b64}
+
+
+def test_budget_logic_chooses_the_best_within_the_floor():
+    cands = [entry("a", 85.0, 4.0, 0.5, 5.0), entry("small", 81.0, 1.0, 0.4, 4.0), entry("fast", 80.5, 2.0, 0.2, 2.0),
+             entry("tiny_but_bad", 79.0, 0.5, 0.1, 1.0)]
+    assert choose(cands, "size") == (cands[1], True)
+    assert choose(cands, "latency") == (cands[2], True)
+    best = min(cands[:3], key=lambda c: score(c, "balanced"))
+    assert choose(cands, "balanced") == (best, True) and best["name"] != "tiny_but_bad"
+    none_within = [entry("x", 70.0, 1.0, 0.1, 1.0), entry("y", 75.0, 2.0, 0.2, 2.0)]
+    assert choose(none_within, "size") == (none_within[1], False)
+
+
+def test_int8_fallback_keeps_the_most_sensitive_layers_in_float_until_the_floor_is_met(tmp_path):
+    model = tiny_model().eval()
+    float_onnx = export_onnx(model, str(tmp_path / "f.onnx"))
+    val = tiny_data(40, 3)
+    drops = {name: float(i) for i, name in enumerate(prunable_layers(model))}  # fc the most sensitive
+    ctx = {"calib": tiny_data(32)[0].float() / 255, "per_channel": True, "calib_method": "MinMax", "val": val,
+           "int8_drops": drops, "max_float": 4, "floor": -1.0}
+    acc, keep = quantize_within_budget(float_onnx, str(tmp_path / "q.onnx"), ctx)
+    assert keep == []  # plain INT8 meets a floor nothing can miss
+    ctx["floor"] = 101.0  # a floor nothing can meet: every step of the fallback is tried, most sensitive first
+    acc, keep = quantize_within_budget(float_onnx, str(tmp_path / "q.onnx"), ctx)
+    ranked = sorted(drops, key=lambda n: -drops[n])
+    assert keep == ranked[:4]
+    graph = onnx.load(str(tmp_path / "q.onnx")).graph
+    float_weights = {n.input[1] for n in graph.node if n.op_type in ("Conv", "Gemm") and n.input[1].endswith(".weight")}
+    assert float_weights == {f"{name}.weight" for name in ranked[:4]}

@@ -1,0 +1,70 @@
+"""The two figures: per-layer sensitivity (compress_model.py) and the search's Pareto fronts (evaluate_results.py)."""
+
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_sensitivity(sens, path):
+    """Three panels: structured curves per block, unstructured curves per layer, INT8 drop per layer."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5))
+    for ax, kind, xlabel in ((axes[0], "structured", "fraction of the block's inner channels removed"),
+                             (axes[1], "unstructured", "fraction of the layer's weights zeroed")):
+        for name, curve in sens[kind].items():
+            ax.plot([0] + [f for f, _ in curve], [0] + [d for _, d in curve], marker=".", label=name)
+        ax.set(xlabel=xlabel, ylabel="validation accuracy drop (points)", title=f"{kind} pruning, one at a time")
+        ax.legend(fontsize=6, ncol=2)
+    names = list(sens["int8"])
+    axes[2].barh(range(len(names)), [sens["int8"][n] for n in names])
+    axes[2].set_yticks(range(len(names)), names, fontsize=7)
+    axes[2].invert_yaxis()
+    axes[2].set(xlabel="validation accuracy drop (points)", title="INT8, one layer at a time")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+
+
+def pareto_front(points):
+    """The points no other point beats on both x (higher is better) and accuracy, sorted by x."""
+    front = [p for p in points if not any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points)]
+    return sorted(front)
+
+
+PARETO_PANELS = (("size_ratio", "times smaller than the baseline checkpoint (log)"),
+                 ("speedup_b1", "speed-up at batch 1 over the baseline, same runtime"),
+                 ("speedup_b64", "speed-up at batch 64 over the baseline, same runtime"))
+
+
+def plot_pareto(search, path):
+    """Validation accuracy against compression and against speed-up for every candidate of the search, with the
+    Pareto front, the budget floor, the chosen model and the original README's recipe marked."""
+    plt = pyplot()
+    cands = search["candidates"]
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5))
+    for ax, (key, xlabel) in zip(axes, PARETO_PANELS):
+        ax.scatter([c[key] for c in cands], [c["val_acc"] for c in cands], c="tab:blue", label="candidates (INT8)")
+        for c in cands:
+            ax.annotate(c["name"], (c[key], c["val_acc"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        front = pareto_front([(c[key], c["val_acc"]) for c in cands])
+        ax.plot(*zip(*front), c="tab:blue", lw=1, alpha=0.6, label="Pareto front")
+        chosen = next(c for c in cands if c["name"] == search["chosen"])
+        ax.scatter([chosen[key]], [chosen["val_acc"]], marker="*", s=300, c="tab:red", label="chosen", zorder=3)
+        seed = search["seed_recipe"]
+        seed_x = search["reference"]["bytes"] / seed["bytes"] if key == "size_ratio" else seed[key]
+        ax.scatter([seed_x], [seed["val_acc"]], marker="X", s=120, c="tab:orange", label="original README recipe")
+        ax.scatter([1.0], [search["baseline_val_acc"]], marker="s", s=80, c="k", label="baseline")
+        ax.axhline(search["floor"], ls="--", c="tab:red", lw=1, label=f"budget floor ({search['floor']:.2f}%)")
+        ax.set(xlabel=xlabel, ylabel="validation accuracy (%)")
+        if key == "size_ratio":
+            ax.set_xscale("log")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"search candidates, OBJECTIVE={search['objective']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,73 @@
+"""Per-layer sensitivity of validation accuracy to structured pruning, unstructured pruning and INT8
+quantization: one layer (or block) changed at a time, the rest left as it is, no fine-tuning. The curves
+pick the per-layer ratios of the search (utils.prune.allocate) and the layers the INT8 fallback keeps in
+float. Saved as sensitivity.json, a Markdown table and a PNG plot (utils.plots)."""
+import copy
+import os
+
+import torch
+
+from .compress import layer_nodes, quantize_int8
+from .measure import ort_predict, ort_session
+from .prune import blocks, magnitude_masks, prunable_layers, structured_prune
+from .train import model_accuracy, predict_accuracy
+
+CHANNEL_FRACTIONS = (0.25, 0.5, 0.75, 0.9)        # inner channels of one block removed
+WEIGHT_FRACTIONS = (0.5, 0.7, 0.8, 0.9, 0.95)     # weights of one layer zeroed by magnitude
+
+
+def structured_sensitivity(model, val, fractions=CHANNEL_FRACTIONS):
+    """{block: [(fraction of inner channels removed, val accuracy drop in points)]}."""
+    base = model_accuracy(model, *val, batch_size=500, device="cpu")
+    curves = {}
+    for name, block in blocks(model).items():
+        width = block.conv1.out_channels
+        curves[name] = [(f, base - model_accuracy(structured_prune(model, {name: round(width * (1 - f))}), *val,
+                                                  batch_size=500, device="cpu")) for f in fractions]
+    return curves
+
+
+def unstructured_sensitivity(model, val, fractions=WEIGHT_FRACTIONS):
+    """{layer: [(fraction of its weights zeroed, val accuracy drop in points)]}."""
+    base = model_accuracy(model, *val, batch_size=500, device="cpu")
+    curves = {}
+    for name in prunable_layers(model):
+        curves[name] = []
+        for f in fractions:
+            pruned = copy.deepcopy(model)
+            magnitude_masks(pruned, {name: f})
+            curves[name].append((f, base - model_accuracy(pruned, *val, batch_size=500, device="cpu")))
+    return curves
+
+
+def int8_sensitivity(float_onnx, calib, val, work_dir, per_channel, method):
+    """{layer: val accuracy drop in points when only that layer is quantized to INT8 (ONNX Runtime)}."""
+    base = predict_accuracy(ort_predict(ort_session(float_onnx, 1)), *val, batch_size=500)
+    drops = {}
+    tmp = os.path.join(work_dir, "sensitivity_int8.onnx")
+    for name in layer_nodes(float_onnx):
+        quantize_int8(float_onnx, tmp, calib, per_channel, method, only=[name])
+        drops[name] = base - predict_accuracy(ort_predict(ort_session(tmp, 1)), *val, batch_size=500)
+    os.remove(tmp)
+    return drops
+
+
+def sensitivity_table(sens):
+    """Markdown tables of the three analyses (drop in validation points)."""
+    lines = []
+    for kind, title in (("structured", "inner channels removed"), ("unstructured", "weights zeroed")):
+        fractions = [f for f, _ in next(iter(sens[kind].values()))]
+        lines += [f"\n{kind} pruning: accuracy drop (points) by fraction of {title}\n",
+                  "| layer | " + " | ".join(f"{f:.0%}" for f in fractions) + " |",
+                  "|---|" + "---:|" * len(fractions)]
+        lines += [f"| {name} | " + " | ".join(f"{d:+.2f}" for _, d in curve) + " |" for name, curve in sens[kind].items()]
+    lines += ["\nINT8 (only this layer quantized): accuracy drop (points)\n", "| layer | drop |", "|---|---:|"]
+    lines += [f"| {name} | {d:+.2f} |" for name, d in sens["int8"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def sensitivity_analysis(model, float_onnx, calib, val, work_dir, per_channel, method):
+    """All three analyses on `val` (CPU, float model in eval mode)."""
+    model = model.to("cpu", memory_format=torch.contiguous_format).eval()
+    return {"structured": structured_sensitivity(model, val), "unstructured": unstructured_sensitivity(model, val),
+            "int8": int8_sensitivity(float_onnx, calib, val, work_dir, per_channel, method)}
