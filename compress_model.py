@@ -30,10 +30,10 @@ from utils.checkpoint import (ARTIFACTS, atomic_write_text, clean_state_dict, lo
 from utils.compress import count_params, export_onnx, onnx_param_counts, save_onnx_metadata, seed_recipe
 from utils.config import check_choice, check_range, print_config, resolve_config, run_cli, script_constants
 from utils.data import load_dataset, split_train_val
-from utils.measure import eager_predict, median_latency_ms
-from utils.models import STEMS, ResNet
-from utils.prune import (agp_schedule, allocate, blocks, magnitude_masks, make_pruning_permanent, prunable_layers,
-                         structured_prune, weight_sparsity)
+from utils.measure import b1_b64_latency, eager_predict
+from utils.models import STEMS, ResNet, build_model
+from utils.prune import (agp_schedule, allocate, blocks, magnitude_masks, prunable_layers,
+                         structured_prune, weight_sparsity, zero_fractions)
 from utils.search import OBJECTIVES, choose, measure_candidate, reference
 from utils.plots import plot_sensitivity
 from utils.sensitivity import sensitivity_analysis, sensitivity_table
@@ -127,10 +127,10 @@ def print_change(stage, before, after):
 
 
 def deployable(model):
-    """A CPU copy of `model` in eval mode with any pruning masks folded into the weights."""
-    model = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format).eval()
-    make_pruning_permanent(model)
-    return model
+    """A plain CPU copy of `model` in eval mode, rebuilt from its spec, pruning masks folded into the weights."""
+    copy_ = build_model(model.spec)
+    copy_.load_state_dict({k: v.cpu() for k, v in clean_state_dict(model).items()})
+    return copy_.eval()
 
 
 def sensitivities(student, student_id, val, calib, cfg):
@@ -200,15 +200,12 @@ def seed_recipe_point(model, teacher, path, val, x, cfg):
     over the baseline in eager PyTorch (the only runtime it has), timed with LATENCY_THREADS threads."""
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg["LATENCY_THREADS"])
-    runs = cfg["LATENCY_RUNS"]
-    times = {}
-    for who, m in (("baseline", teacher.cpu().eval()), ("seed", model)):
-        predict = eager_predict(m)
-        times[who] = [median_latency_ms(predict, x[:1], 5, runs), median_latency_ms(predict, x[:64], 2, max(runs // 10, 3))]
+    base = b1_b64_latency(eager_predict(teacher.cpu().eval()), x, cfg["LATENCY_RUNS"])
+    seed = b1_b64_latency(eager_predict(model), x, cfg["LATENCY_RUNS"])
     torch.set_num_threads(threads)
     return {"name": "seed_recipe", "runtime": "pytorch (eager)", "val_acc": model_accuracy(model, *val, 500, "cpu"),
-            "bytes": os.path.getsize(path), "b1_ms": times["seed"][0], "b64_ms": times["seed"][1],
-            "speedup_b1": times["baseline"][0] / times["seed"][0], "speedup_b64": times["baseline"][1] / times["seed"][1]}
+            "bytes": os.path.getsize(path), **seed, "speedup_b1": base["b1_ms"] / seed["b1_ms"],
+            "speedup_b64": base["b64_ms"] / seed["b64_ms"]}
 
 
 def main(argv):
@@ -263,6 +260,7 @@ def main(argv):
     ctx = {"val": val, "calib": calib, "floor": floor, "int8_drops": sens["int8"], "max_float": cfg["MAX_FLOAT_LAYERS"],
            "per_channel": cfg["PER_CHANNEL"], "calib_method": cfg["CALIB_METHOD"], "work_dir": work,
            "x_latency": x_latency, "threads": cfg["LATENCY_THREADS"], "runs_b1": cfg["LATENCY_RUNS"],
+           "latency_cache": {},
            "reference": reference(teacher, base_path, base_val, work, x_latency, cfg["LATENCY_THREADS"],
                                   cfg["LATENCY_RUNS"])}
     candidates, models = [], {}
@@ -282,8 +280,9 @@ def main(argv):
     # 4b. Unstructured, gradual (AGP): per-layer ratios from the sensitivities, on the last structured model kept
     agp = agp_schedule(cfg["SPARSITY"], cfg["AGP_STEPS"]) if cfg["OBJECTIVE"] != "latency" else []
     for step, target in enumerate(agp, 1):
-        model = copy.deepcopy(current)
-        ratios = allocate(sens["unstructured"], {n: m.weight.numel() for n, m in prunable_layers(model).items()}, target)
+        model = deployable(current)  # earlier zeros are folded in; the new masks keep them (ratios only grow)
+        sizes = {n: m.weight.numel() for n, m in prunable_layers(model).items()}
+        ratios = allocate(sens["unstructured"], sizes, target)
         magnitude_masks(model, ratios)
         model, entry = search_step(run, f"sparse{step}", model, current, cfg["AGP_EPOCHS"], {"ratios": ratios},
                                    kind="unstructured", target=target)
@@ -296,7 +295,7 @@ def main(argv):
     if chosen["name"] != "student" and met and cfg["FINAL_EPOCHS"]:
         parent = models[chosen["name"]]
         model = copy.deepcopy(parent)
-        magnitude_masks(model, {n: int((m.weight == 0).sum()) / m.weight.numel() for n, m in prunable_layers(model).items()})
+        magnitude_masks(model, zero_fractions(model))  # masks exactly where the zeros are
         _, entry = search_step(run, f"{chosen['name']}_ft", model, parent, cfg["FINAL_EPOCHS"], {}, kind="recovery")
         if entry["within_budget"] and entry["val_acc"] >= chosen["val_acc"]:
             chosen = entry

@@ -143,9 +143,11 @@ def main(argv):
     # 4. The search's candidates (validation accuracy) against size and speed: Pareto fronts in pareto.png
     search = json.load(open(os.path.join(cfg["OUT_DIR"], "search.json")))
     plot_pareto(search, os.path.join(cfg["OUT_DIR"], "pareto.png"))
-    search_summary = {k: search[k] for k in ("chosen", "objective", "floor", "baseline_val_acc", "budget_met", "seconds")}
-    print(f"search: chose {search['chosen']} of {len(search['candidates'])} candidates (OBJECTIVE={search['objective']}, "
-          f"validation floor {search['floor']:.2f}%); Pareto fronts in {cfg['OUT_DIR']}/pareto.png")
+    keys = ("chosen", "objective", "floor", "baseline_val_acc", "budget_met", "seconds")
+    search_summary = {k: search[k] for k in keys}
+    print(f"search: chose {search['chosen']} of {len(search['candidates'])} candidates "
+          f"(OBJECTIVE={search['objective']}, validation floor {search['floor']:.2f}%); "
+          f"Pareto fronts in {cfg['OUT_DIR']}/pareto.png")
 
     # 5. The table on the terminal, results.md and results.json
     table = results_table(rows)

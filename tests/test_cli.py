@@ -141,3 +141,17 @@ def test_bad_constants(script, argv, words, tmp_path, capsys, monkeypatch):
     code, _, err = cli(script.main, argv + [f"--OUT_DIR={tmp_path}"], capsys, monkeypatch)
     assert_one_line_error(code, err, *words)
     assert os.listdir(tmp_path) == []
+
+
+def test_rerunning_compress_reuses_every_finished_step(pipeline, imagefolder, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "runs"
+    shutil.copytree(pipeline, out)
+    before = torch.load(out / "pruned.pth", weights_only=True)
+    code, stdout, _ = cli(compress_model.main, [f"--DATA_DIR={imagefolder}", f"--OUT_DIR={out}"] + COMPRESS_FLAGS,
+                          capsys, monkeypatch)
+    assert code == 0
+    # the student and the four trained candidates (struct1, sparse1, sparse2, the recovery one)
+    assert "sensitivity: reusing" in stdout and stdout.count("already trained") == 5
+    after = torch.load(out / "pruned.pth", weights_only=True)
+    assert after["model"] == before["model"]
+    assert all(torch.equal(after["state_dict"][k], v) for k, v in before["state_dict"].items())

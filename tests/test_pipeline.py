@@ -55,6 +55,8 @@ def test_search_logs_candidates_and_ships_the_chosen_one(pipeline):
     names = [c["name"] for c in search["candidates"]]
     assert names[:4] == ["student", "struct1", "sparse1", "sparse2"]  # nothing breaks a budget of 100 points
     assert len(names) == 5 and names[4].endswith("_ft")  # the recovery fine-tuning of the first choice
+    # same shape, same kernels: the sparse candidates share the latency measured on their structured parent
+    assert [c["latency_measured_on"] for c in search["candidates"]] == ["student"] + ["struct1"] * 4
     chosen = next(c for c in search["candidates"] if c["name"] == search["chosen"])
     assert search["budget_met"] and chosen["within_budget"] and chosen["val_acc"] >= search["floor"]
     assert search["floor"] == search["baseline_val_acc"] - 100

@@ -44,6 +44,13 @@ def median_latency_ms(predict, x, warmup, runs):
     return statistics.median(times)
 
 
+def b1_b64_latency(predict, x, runs_b1):
+    """{"b1_ms", "b64_ms"}: median ms at batch 1 (runs_b1 runs) and batch 64 (a tenth of them, at least 3) on
+    float images x (>= 64 of them)."""
+    return {"b1_ms": median_latency_ms(predict, x[:1], warmup=10, runs=runs_b1),
+            "b64_ms": median_latency_ms(predict, x[:64], warmup=2, runs=max(runs_b1 // 10, 3))}
+
+
 def gzip_size(path):
     with open(path, "rb") as f:
         return len(gzip.compress(f.read(), compresslevel=9))

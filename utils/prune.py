@@ -81,7 +81,8 @@ def magnitude_masks(model, ratios):
         mask = torch.ones(weight.numel(), device=weight.device)
         if k > 0:
             mask[weight.abs().flatten().argsort()[:k]] = 0
-        prune.custom_from_mask(module, "weight", mask.view(weight.shape))
+        with torch.no_grad():  # the masked weight is recomputed at every forward; no graph to keep from here
+            prune.custom_from_mask(module, "weight", mask.view(weight.shape))
 
 
 def make_pruning_permanent(model):
@@ -94,6 +95,11 @@ def weight_sparsity(model):
     """Fraction of conv and linear weights that are exactly zero."""
     weights = [getattr(m, n) for m, n in prunable_weights(model)]
     return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+
+
+def zero_fractions(model):
+    """{layer: fraction of its weights that are exactly zero}: with magnitude_masks, masks exactly the zeros."""
+    return {name: int((m.weight == 0).sum()) / m.weight.numel() for name, m in prunable_layers(model).items()}
 
 
 def agp_schedule(final, steps):

@@ -4,11 +4,12 @@
 A candidate is judged by the artifact that ships: its INT8 ONNX file (latency, run by ONNX Runtime) and the
 compact archive of that file (size). Accuracy is always the validation split's; the test split is not seen.
 """
+import json
 import math
 import os
 
 from .compress import export_onnx, quantize_int8
-from .measure import median_latency_ms, ort_predict, ort_session
+from .measure import b1_b64_latency, ort_predict, ort_session
 from .sparse import save_sparse_onnx
 from .train import predict_accuracy
 
@@ -20,10 +21,7 @@ def ort_accuracy(path, val, threads=None):
 
 
 def ort_latency(path, x, threads, runs_b1):
-    """Median ms at batch 1 and batch 64 (images x: float (>=64, 3, H, W)); batch 64 gets a tenth of the runs."""
-    predict = ort_predict(ort_session(path, threads))
-    return {"b1_ms": median_latency_ms(predict, x[:1], warmup=10, runs=runs_b1),
-            "b64_ms": median_latency_ms(predict, x[:64], warmup=2, runs=max(runs_b1 // 10, 3))}
+    return b1_b64_latency(ort_predict(ort_session(path, threads)), x, runs_b1)
 
 
 def reference(teacher, baseline_path, val_acc, work_dir, x, threads, runs_b1):
@@ -46,6 +44,18 @@ def quantize_within_budget(float_onnx, int8_path, ctx):
         keep, count = order[:count], count * 2
 
 
+def shared_latency(name, int8_path, shape, ctx):
+    """Latency of a candidate's INT8 graph. ONNX Runtime's dense kernels take the same time whatever the weight
+    values, so candidates with the same shape (inner widths, layers kept in float) share one measurement, made
+    on the first of them: timing noise then cannot decide between candidates that differ only in zeros.
+    ctx["latency_cache"] holds {shape: (measured on, latency)}."""
+    key = json.dumps(shape)
+    if key not in ctx["latency_cache"]:
+        ctx["latency_cache"][key] = (name, ort_latency(int8_path, ctx["x_latency"], ctx["threads"], ctx["runs_b1"]))
+    source, latency = ctx["latency_cache"][key]
+    return {**latency, "latency_measured_on": source}
+
+
 def measure_candidate(name, model, float_val, ctx, **info):
     """Export, quantize (with the fallback), archive and time one candidate; returns its log entry."""
     float_onnx = export_onnx(model, os.path.join(ctx["work_dir"], f"{name}_fp32.onnx"))
@@ -59,14 +69,15 @@ def measure_candidate(name, model, float_val, ctx, **info):
     entry = {"name": name, "float_val_acc": float_val, "val_acc": val_acc, "float_layers": keep,
              "within_budget": val_acc >= ctx["floor"], "onnx_bytes": os.path.getsize(int8_path),
              "bytes": save_sparse_onnx(int8_path, archive), "int8_onnx": int8_path, "archive": archive,
-             **ort_latency(int8_path, ctx["x_latency"], ctx["threads"], ctx["runs_b1"]), **info}
+             **shared_latency(name, int8_path, [model.spec, keep], ctx), **info}
     ref = ctx["reference"]
     entry.update(size_ratio=ref["bytes"] / entry["bytes"], speedup_b1=ref["b1_ms"] / entry["b1_ms"],
                  speedup_b64=ref["b64_ms"] / entry["b64_ms"])
     print(f"candidate {name:<10} val {float_val:6.2f}% float -> {val_acc:6.2f}% int8"
           f"{' (float: ' + ', '.join(keep) + ')' if keep else ''}  {entry['bytes'] / 2**20:6.3f} MiB "
           f"({entry['size_ratio']:5.1f}x)  b1 {entry['b1_ms']:.3f} ms ({entry['speedup_b1']:.2f}x)  "
-          f"b64 {entry['b64_ms']:.2f} ms ({entry['speedup_b64']:.2f}x)  "
+          f"b64 {entry['b64_ms']:.2f} ms ({entry['speedup_b64']:.2f}x)"
+          f"{'' if entry['latency_measured_on'] == name else ' (timed as ' + entry['latency_measured_on'] + ')'}  "
           f"{'within' if entry['within_budget'] else 'OUTSIDE'} budget", flush=True)
     return entry
 

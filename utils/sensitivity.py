@@ -60,7 +60,8 @@ def sensitivity_table(sens):
         lines += [f"\n{kind} pruning: accuracy drop (points) by fraction of {title}\n",
                   "| layer | " + " | ".join(f"{f:.0%}" for f in fractions) + " |",
                   "|---|" + "---:|" * len(fractions)]
-        lines += [f"| {name} | " + " | ".join(f"{d:+.2f}" for _, d in curve) + " |" for name, curve in sens[kind].items()]
+        lines += [f"| {name} | " + " | ".join(f"{d:+.2f}" for _, d in curve) + " |"
+                  for name, curve in sens[kind].items()]
     lines += ["\nINT8 (only this layer quantized): accuracy drop (points)\n", "| layer | drop |", "|---|---:|"]
     lines += [f"| {name} | {d:+.2f} |" for name, d in sens["int8"].items()]
     return "\n".join(lines) + "\n"
