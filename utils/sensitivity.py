@@ -8,9 +8,9 @@ import os
 import torch
 
 from .compress import layer_nodes, quantize_int8
-from .measure import ort_predict, ort_session
 from .prune import blocks, magnitude_masks, prunable_layers, structured_prune
-from .train import model_accuracy, predict_accuracy
+from .search import ort_accuracy
+from .train import model_accuracy
 
 CHANNEL_FRACTIONS = (0.25, 0.5, 0.75, 0.9)        # inner channels of one block removed
 WEIGHT_FRACTIONS = (0.5, 0.7, 0.8, 0.9, 0.95)     # weights of one layer zeroed by magnitude
@@ -42,12 +42,12 @@ def unstructured_sensitivity(model, val, fractions=WEIGHT_FRACTIONS):
 
 def int8_sensitivity(float_onnx, calib, val, work_dir, per_channel, method):
     """{layer: val accuracy drop in points when only that layer is quantized to INT8 (ONNX Runtime)}."""
-    base = predict_accuracy(ort_predict(ort_session(float_onnx, 1)), *val, batch_size=500)
+    base = ort_accuracy(float_onnx, val, threads=1)
     drops = {}
     tmp = os.path.join(work_dir, "sensitivity_int8.onnx")
     for name in layer_nodes(float_onnx):
         quantize_int8(float_onnx, tmp, calib, per_channel, method, only=[name])
-        drops[name] = base - predict_accuracy(ort_predict(ort_session(tmp, 1)), *val, batch_size=500)
+        drops[name] = base - ort_accuracy(tmp, val, threads=1)
     os.remove(tmp)
     return drops
 
