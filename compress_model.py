@@ -111,8 +111,6 @@ def train_stage(stage, path, model, objective, lr, epochs, train, val, cfg, inpu
     meta = {"stage": stage, "model": model.spec, "config": cfg, "resume_key": resume_key, **meta_extra}
     fit(model, objective, opt, sched, train, val, epochs=epochs, batch_size=cfg["BATCH_SIZE"], device=cfg["DEVICE"],
         seed=cfg["SEED"], ckpt_path=path, meta=meta, channels_last=cfg["CHANNELS_LAST"])
-    return model
-
 
 
 def summary(counts, path, val_acc):
@@ -134,18 +132,21 @@ def deployable(model):
 
 
 def sensitivities(student, student_id, val, calib, cfg):
-    """The sensitivity analysis of the student on SENS_IMAGES validation images, reused when sensitivity.json
-    was made from the same student and images; also written as sensitivity.md and sensitivity.png."""
+    """The sensitivity analysis of the student (a deployable() copy) on SENS_IMAGES validation images, reused
+    when sensitivity.json was made from the same student and images; also written as sensitivity.md and .png."""
     out = cfg["OUT_DIR"]
     path = os.path.join(out, "sensitivity.json")
     key = {"student": student_id, "SENS_IMAGES": cfg["SENS_IMAGES"], "CALIB_IMAGES": cfg["CALIB_IMAGES"]}
-    if os.path.exists(path) and json.load(open(path)).get("key") == key:
-        print(f"sensitivity: reusing {path}")
-        return json.load(open(path))
+    if os.path.exists(path):
+        with open(path) as f:
+            earlier = json.load(f)
+        if earlier.get("key") == key:
+            print(f"sensitivity: reusing {path}")
+            return earlier
     subset = tuple(t[:cfg["SENS_IMAGES"]].cpu() for t in val)
-    float_onnx = export_onnx(deployable(student), os.path.join(out, "search", "student_fp32.onnx"))
-    sens = {"key": key, **sensitivity_analysis(deployable(student), float_onnx, calib, subset,
-                                               os.path.join(out, "search"), cfg["PER_CHANNEL"], cfg["CALIB_METHOD"])}
+    float_onnx = export_onnx(student, os.path.join(out, "search", "student_fp32.onnx"))
+    sens = {"key": key, **sensitivity_analysis(student, float_onnx, calib, subset, os.path.join(out, "search"),
+                                               cfg["PER_CHANNEL"], cfg["CALIB_METHOD"])}
     atomic_write_text(os.path.join(out, "sensitivity.md"), sensitivity_table(sens))
     plot_sensitivity(sens, os.path.join(out, "sensitivity.png"))
     atomic_write_text(path, json.dumps(sens, indent=1) + "\n")

@@ -16,14 +16,14 @@ from torch.nn.utils import prune
 from .models import Block, model_spec
 
 
-def prunable_weights(model):
-    """(module, "weight") of every Conv2d and Linear: the layers that unstructured pruning masks."""
-    return [(m, "weight") for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-
-
 def prunable_layers(model):
-    """{layer name: module} of every Conv2d and Linear."""
+    """{layer name: module} of every Conv2d and Linear: the layers that unstructured pruning masks."""
     return {name: m for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+
+def prunable_weights(model):
+    """(module, "weight") of every prunable layer, as torch.nn.utils.prune takes them."""
+    return [(m, "weight") for m in prunable_layers(model).values()]
 
 
 def blocks(model):
