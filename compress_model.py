@@ -14,31 +14,32 @@ the pipeline then
      its INT8 ONNX file (what you deploy; runs without this code)                 -> OUT_DIR/int8.onnx
      the same INT8 model, sparsity stored compactly (utils/sparse.py)             -> OUT_DIR/int8.sparse
 and, for comparison, the original README's recipe (quantize_dynamic on that model) -> OUT_DIR/seed_recipe.pth
-Rerunning resumes an interrupted stage and reuses finished ones.
+Rerunning resumes an interrupted stage and reuses finished ones. The final files land together, each with
+the run's id, only once all of them are written; a second run on the same OUT_DIR stops at once.
 """
-import copy
-import hashlib
 import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from utils.checkpoint import (ARTIFACTS, atomic_write_text, clean_state_dict, load_checkpoint, load_model,
-                              weights_fingerprint)
-from utils.compress import count_params, export_onnx, onnx_param_counts, save_onnx_metadata, seed_recipe
-from utils.config import check_choice, check_range, print_config, resolve_config, run_cli, script_constants
-from utils.data import load_dataset, split_train_val
-from utils.measure import b1_b64_latency, eager_predict
-from utils.models import STEMS, ResNet, build_model
-from utils.prune import (agp_schedule, allocate, blocks, magnitude_masks, prunable_layers,
-                         structured_prune, weight_sparsity, zero_fractions)
-from utils.search import OBJECTIVES, choose, measure_candidate, reference
+from utils.checkpoint import (ARTIFACTS, Progress, count_params, cpu_copy, load_checkpoint, load_model,
+                              weights_fingerprint, write_checkpoint)
+from utils.config import UserError, check_choice, check_range, configure, run_cli
+from utils.data import Split, load_dataset, train_val_split
+from utils.device import AMP_DTYPES, pick_device
+from utils.files import ArtifactSet, atomic_write_text, file_digest, new_run_id, out_dir_lock
+from utils.measure import Timing, eager_latency, model_accuracy
+from utils.models import STEMS, ResNet
 from utils.plots import plot_sensitivity
+from utils.quantize import Quantization, export_onnx, onnx_param_counts, save_onnx_metadata, seed_recipe
+from utils.search import OBJECTIVES, SearchContext, SearchPlan, reference_point, run_search
 from utils.sensitivity import sensitivity_analysis, sensitivity_table
 from utils.sparse import save_sparse_onnx
-from utils.train import distillation_objective, fit, model_accuracy, pick_device, sgd_one_cycle, write_checkpoint
+from utils.train import Stage, TrainRecipe, distillation_objective, fit
 
 # -----------------------------------------------------------------------------------------------
 DATA_DIR = "data"            # the data the baseline was trained on (CIFAR-10 or ImageFolder root); env DATA_DIR too
@@ -74,16 +75,19 @@ MAX_FLOAT_LAYERS = 4         # INT8 fallback: most layers kept in float (most IN
 LATENCY_THREADS = 1          # ONNX Runtime threads when timing candidates (as evaluate_results.py's THREADS)
 LATENCY_RUNS = 100           # timed batch-1 runs per candidate (batch 64: a tenth)
 CHANNELS_LAST = True         # channels-last memory format while training
+AMP_DTYPE = "float32"        # float32 | bfloat16 | float16: autocast dtype of training (decisions are always float32)
 SEED = 0                     # seed of initialisation, batch order and the calibration images
 # -----------------------------------------------------------------------------------------------
 _PROFILES = {"cpu": {}, "gpu": {"STUDENT_STEM": "cifar", "KD_EPOCHS": 40, "BATCH_SIZE": 512, "KD_LR": 0.4,
-                               "STRUCT_EPOCHS": 4, "AGP_EPOCHS": 2}}
+                               "STRUCT_EPOCHS": 4, "AGP_EPOCHS": 2,
+                               "AMP_DTYPE": "bfloat16"}}
 
 
 def check_config(cfg):
     check_choice(cfg, "STUDENT_STEM", STEMS)
     check_choice(cfg, "CALIB_METHOD", ("MinMax", "Entropy", "Percentile"))
     check_choice(cfg, "OBJECTIVE", OBJECTIVES)
+    check_choice(cfg, "AMP_DTYPE", AMP_DTYPES)
     check_range(cfg, "MAX_ACC_DROP", 0, 100)
     for name in ("STUDENT_WIDTH", "BATCH_SIZE", "CALIB_IMAGES", "SENS_IMAGES", "LATENCY_THREADS", "LATENCY_RUNS",
                  "CHANNEL_MULTIPLE"):
@@ -101,16 +105,125 @@ def check_config(cfg):
     check_range(cfg, "WEIGHT_DECAY", 0, 1)
 
 
-def train_stage(stage, path, model, objective, lr, epochs, train, val, cfg, inputs, meta_extra):
-    """Distillation and fine-tuning share this: one-cycle SGD through the one training loop, checkpoints at `path`.
-    inputs: what the stage starts from (fingerprints, amounts); a checkpoint made from other inputs is not resumed."""
-    steps = len(train[0]) // cfg["BATCH_SIZE"]
-    opt, sched = sgd_one_cycle(model, lr, cfg["MOMENTUM"], cfg["WEIGHT_DECAY"], epochs, max(steps, 1))
-    resume_key = {"lr": lr, "epochs": epochs, **{k: cfg[k] for k in ("BATCH_SIZE", "MOMENTUM", "WEIGHT_DECAY",
-                  "KD_TEMPERATURE", "KD_ALPHA", "SEED")}, **inputs}
-    meta = {"stage": stage, "model": model.spec, "config": cfg, "resume_key": resume_key, **meta_extra}
-    fit(model, objective, opt, sched, train, val, epochs=epochs, batch_size=cfg["BATCH_SIZE"], device=cfg["DEVICE"],
-        seed=cfg["SEED"], ckpt_path=path, meta=meta, channels_last=cfg["CHANNELS_LAST"])
+
+class Teacher:
+    """The baseline as the teacher: its checkpoint, its model (eval mode, on the device) and where it lies."""
+
+    def __init__(self, cfg):
+        self.path = os.path.join(cfg["OUT_DIR"], ARTIFACTS["baseline"])
+        self.ckpt = load_checkpoint(self.path, "baseline", finished=True)
+        self.model = load_model(self.ckpt, self.path).to(cfg["DEVICE"]).eval()
+        self.classes = self.ckpt["classes"]
+        self.fingerprint = weights_fingerprint(self.ckpt["state_dict"])
+
+
+@dataclass
+class Distiller:
+    """Trains a model against the teacher (the KD loss) through the one training loop: the distillation of the
+    student and every fine-tuning of the search. meta: what each checkpoint records besides its weights."""
+    objective: Callable
+    train: Split
+    val: Split
+    cfg: dict
+    meta: dict
+
+    def recipe(self, lr, epochs):
+        c = self.cfg
+        return TrainRecipe(lr=lr, epochs=epochs, batch_size=c["BATCH_SIZE"], momentum=c["MOMENTUM"],
+                           weight_decay=c["WEIGHT_DECAY"], seed=c["SEED"], channels_last=c["CHANNELS_LAST"],
+                           amp_dtype=c["AMP_DTYPE"])
+
+    def fit(self, stage, model, recipe):
+        model = model.to(self.cfg["DEVICE"])
+        if self.cfg["CHANNELS_LAST"]:
+            model = model.to(memory_format=torch.channels_last)
+        stage.made_from.update(KD_TEMPERATURE=self.cfg["KD_TEMPERATURE"], KD_ALPHA=self.cfg["KD_ALPHA"])
+        fit(model, self.objective, recipe, self.train, self.val, stage)
+        return model
+
+    def finetune(self, label, path, model, epochs, made_from):
+        """The search's fine-tuning step (utils.search.Finetune)."""
+        stage = Stage("pruned", label, path, self.cfg["DEVICE"], made_from, self.meta)
+        return self.fit(stage, model, self.recipe(self.cfg["FINETUNE_LR"], epochs))
+
+
+def load_splits(cfg, teacher):
+    """The baseline's own train/validation split (its VAL_SIZE, SEED and TRAIN_SUBSET), training images on the
+    device; the data's classes must be the ones the baseline was trained on."""
+    data = load_dataset(cfg["DATA_DIR"], cfg["DOWNLOAD"], cfg["OUT_DIR"])
+    if data["train"].classes != teacher.classes:
+        raise UserError(f"{teacher.path} was trained on the classes {teacher.classes}, but {cfg['DATA_DIR']} holds "
+                        f"{data['train'].classes}: use the data it was trained on, or train a new baseline")
+    base = teacher.ckpt["config"]
+    train, val = train_val_split(data["train"], base["VAL_SIZE"], base["SEED"], base.get("TRAIN_SUBSET", 0))
+    return train.to(cfg["DEVICE"]), val
+
+
+def budget_floor(teacher, val, cfg):
+    """The least validation accuracy the final INT8 model may have: the baseline's, in exact float32 like every
+    candidate's, minus MAX_ACC_DROP."""
+    base_val = model_accuracy(teacher.model, val, cfg["DEVICE"], 512)
+    floor = base_val - cfg["MAX_ACC_DROP"]
+    print(f"budget: baseline val {base_val:.2f}% - MAX_ACC_DROP {cfg['MAX_ACC_DROP']} = {floor:.2f}%, the least "
+          f"validation accuracy the final INT8 model may have; OBJECTIVE={cfg['OBJECTIVE']}", flush=True)
+    return base_val, floor
+
+
+def distil(teacher, distiller, cfg):
+    """Knowledge distillation into a narrower student (loss: KD_ALPHA*T^2*KL + (1-KD_ALPHA)*CE)."""
+    w = cfg["STUDENT_WIDTH"]
+    student = ResNet(stem=cfg["STUDENT_STEM"], widths=(w, 2 * w, 4 * w, 8 * w), num_classes=len(teacher.classes))
+    path = os.path.join(cfg["OUT_DIR"], ARTIFACTS["student"])
+    stage = Stage("student", "student", path, cfg["DEVICE"], {"teacher": teacher.fingerprint}, distiller.meta)
+    return distiller.fit(stage, student, distiller.recipe(cfg["KD_LR"], cfg["KD_EPOCHS"]))
+
+
+def quantization(train, cfg):
+    """INT8 settings, with CALIB_IMAGES training images (a fixed random choice) to calibrate on."""
+    pick = torch.randperm(len(train.x), generator=torch.Generator().manual_seed(cfg["SEED"]))[:cfg["CALIB_IMAGES"]]
+    calib = train.x[pick.to(train.x.device)].cpu().float() / 255
+    return Quantization(calib, cfg["PER_CHANNEL"], cfg["CALIB_METHOD"])
+
+
+def sensitivities(student, val, quant, cfg):
+    """The sensitivity analysis of the student on SENS_IMAGES validation images, reused when sensitivity.json was
+    made from the same student and images; also written as sensitivity.md and .png."""
+    out = cfg["OUT_DIR"]
+    path = os.path.join(out, "sensitivity.json")
+    key = {"student": weights_fingerprint(cpu_copy(student).state_dict()), "SENS_IMAGES": cfg["SENS_IMAGES"],
+           "CALIB_IMAGES": cfg["CALIB_IMAGES"]}
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                earlier = json.load(f)
+            if earlier.get("key") == key:
+                print(f"sensitivity: reusing {path}")
+                return earlier
+        except (ValueError, OSError):
+            print(f"sensitivity: {path} is unreadable, measuring again")
+    t0 = time.time()
+    float_onnx = export_onnx(student, os.path.join(out, "search", "student_fp32.onnx"))
+    sens = {"key": key, **sensitivity_analysis(student, float_onnx, quant, val.head(cfg["SENS_IMAGES"]))}
+    atomic_write_text(os.path.join(out, "sensitivity.md"), sensitivity_table(sens))
+    plot_sensitivity(sens, os.path.join(out, "sensitivity.png"))
+    atomic_write_text(path, json.dumps(sens, indent=1) + "\n")
+    print(f"sensitivity: {out}/sensitivity.md, sensitivity.png ({time.time() - t0:.0f}s)", flush=True)
+    return json.loads(json.dumps(sens))  # as a rerun reads it back: the same result either way
+
+
+def search_context(val, floor, quant, sens, teacher, base_val, cfg):
+    timing = Timing(cfg["LATENCY_THREADS"], cfg["LATENCY_RUNS"], max(cfg["LATENCY_RUNS"] // 10, 3), warmup=10)
+    ctx = SearchContext(val=val, floor=floor, quant=quant, int8_drops=sens["int8"], timing=timing,
+                        x_latency=val.x[:64].float() / 255, work_dir=os.path.join(cfg["OUT_DIR"], "search"))
+    ctx.reference = reference_point(teacher.model, teacher.path, base_val, ctx)
+    return ctx
+
+
+def search_plan(cfg):
+    return SearchPlan(objective=cfg["OBJECTIVE"], struct_max=cfg["STRUCT_MAX"], struct_steps=cfg["STRUCT_STEPS"],
+                      struct_epochs=cfg["STRUCT_EPOCHS"], channel_multiple=cfg["CHANNEL_MULTIPLE"],
+                      sparsity=cfg["SPARSITY"], agp_steps=cfg["AGP_STEPS"], agp_epochs=cfg["AGP_EPOCHS"],
+                      final_epochs=cfg["FINAL_EPOCHS"], max_float_layers=cfg["MAX_FLOAT_LAYERS"])
 
 
 def summary(counts, path, val_acc):
@@ -124,220 +237,80 @@ def print_change(stage, before, after):
     print(f"{stage:<8} {fmt.format(**before)}  ->  {fmt.format(**after)}", flush=True)
 
 
-def deployable(model):
-    """A plain CPU copy of `model` in eval mode, rebuilt from its spec, pruning masks folded into the weights."""
-    copy_ = build_model(model.spec)
-    copy_.load_state_dict({k: v.cpu() for k, v in clean_state_dict(model).items()})
-    return copy_.eval()
-
-
-def sensitivities(student, student_id, val, calib, cfg):
-    """The sensitivity analysis of the student (a deployable() copy) on SENS_IMAGES validation images, reused
-    when sensitivity.json was made from the same student and images; also written as sensitivity.md and .png."""
-    out = cfg["OUT_DIR"]
-    path = os.path.join(out, "sensitivity.json")
-    key = {"student": student_id, "SENS_IMAGES": cfg["SENS_IMAGES"], "CALIB_IMAGES": cfg["CALIB_IMAGES"]}
-    if os.path.exists(path):
-        with open(path) as f:
-            earlier = json.load(f)
-        if earlier.get("key") == key:
-            print(f"sensitivity: reusing {path}")
-            return earlier
-    subset = tuple(t[:cfg["SENS_IMAGES"]].cpu() for t in val)
-    float_onnx = export_onnx(student, os.path.join(out, "search", "student_fp32.onnx"))
-    sens = {"key": key, **sensitivity_analysis(student, float_onnx, calib, subset, os.path.join(out, "search"),
-                                               cfg["PER_CHANNEL"], cfg["CALIB_METHOD"])}
-    atomic_write_text(os.path.join(out, "sensitivity.md"), sensitivity_table(sens))
-    plot_sensitivity(sens, os.path.join(out, "sensitivity.png"))
-    atomic_write_text(path, json.dumps(sens, indent=1) + "\n")
-    return json.load(open(path))
-
-
-def structured_counts(student, curves, level, multiple):
-    """Inner widths per block when the `level` fraction of all inner weights goes, spread by sensitivity,
-    rounded to a multiple of `multiple` (never below it, never above the block's width)."""
-    sizes = {name: b.conv1.weight.numel() + b.conv2.weight.numel() for name, b in blocks(student).items()}
-    ratios = allocate(curves, sizes, level)
-    counts = {}
-    for name, b in blocks(student).items():
-        width = b.conv1.out_channels
-        counts[name] = min(width, max(multiple, multiple * round(width * (1 - ratios[name]) / multiple)))
-    return counts
-
-
-def candidate_path(work, name, inputs):
-    """A candidate's checkpoint, named by what it was made from: a rerun with other constants starts afresh
-    instead of clashing with an older candidate of the same name."""
-    digest = hashlib.sha1(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:8]
-    return os.path.join(work, f"{name}_{digest}.pth")
-
-
-def add_candidate(candidates, models, name, model, val, ctx, **info):
-    """Measure `model` as a candidate (float accuracy, then its INT8 artifacts) and log it."""
-    final = deployable(model)
-    float_val = model_accuracy(final, *val, batch_size=500, device="cpu")
-    entry = measure_candidate(name, final, float_val, ctx, params=count_params(final)[0],
-                              sparsity=weight_sparsity(final), mids=final.spec["kwargs"].get("mids"), **info)
-    candidates.append(entry)
-    models[name] = final
-    return entry
-
-
-def search_step(run, name, model, parent, epochs, inputs, **info):
-    """Fine-tune `model`, pruned from `parent`, with distillation (its checkpoint in the search folder), then
-    measure it as a candidate. run: what every step shares (cfg, kd, train, val, extra, ctx, candidates, models)."""
-    cfg = run["cfg"]
-    model = model.to(cfg["DEVICE"])
-    if cfg["CHANNELS_LAST"]:
-        model = model.to(memory_format=torch.channels_last)
-    inputs = {"source": weights_fingerprint(clean_state_dict(parent)), **inputs}
-    train_stage("pruned", candidate_path(run["ctx"]["work_dir"], name, inputs), model, run["kd"], cfg["FINETUNE_LR"],
-                epochs, run["train"], run["val"], cfg, inputs, run["extra"])
-    return model, add_candidate(run["candidates"], run["models"], name, model, run["val"], run["ctx"], **info)
-
-
-def seed_recipe_point(model, teacher, path, val, x, cfg):
+def seed_recipe_point(model, teacher, path, ctx):
     """The original README's recipe as a point of the Pareto plots: validation accuracy, bytes, and speed-ups
-    over the baseline in eager PyTorch (the only runtime it has), timed with LATENCY_THREADS threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg["LATENCY_THREADS"])
-    base = b1_b64_latency(eager_predict(teacher.cpu().eval()), x, cfg["LATENCY_RUNS"])
-    seed = b1_b64_latency(eager_predict(model), x, cfg["LATENCY_RUNS"])
-    torch.set_num_threads(threads)
-    return {"name": "seed_recipe", "runtime": "pytorch (eager)", "val_acc": model_accuracy(model, *val, 500, "cpu"),
+    over the baseline in eager PyTorch (the only runtime it has), timed like the candidates."""
+    base = eager_latency(teacher.model, ctx.x_latency, ctx.timing)
+    seed = eager_latency(model, ctx.x_latency, ctx.timing)
+    return {"name": "seed_recipe", "runtime": "pytorch (eager)", "val_acc": model_accuracy(model, ctx.val),
             "bytes": os.path.getsize(path), **seed, "speedup_b1": base["b1_ms"] / seed["b1_ms"],
             "speedup_b64": base["b64_ms"] / seed["b64_ms"]}
 
 
-def main(argv):
-    # 1. Constants, the baseline (teacher), the data split it was trained with, and the accuracy budget
-    cfg = resolve_config(script_constants(globals()), argv, _PROFILES, pick_device)
-    check_config(cfg)
-    print_config(f"compress_model ({cfg['PROFILE']} profile)", cfg)
-    torch.manual_seed(cfg["SEED"])
-    device, out = cfg["DEVICE"], cfg["OUT_DIR"]
-    base_path = os.path.join(out, ARTIFACTS["baseline"])
-    base_ckpt = load_checkpoint(base_path, "baseline")
-    teacher = load_model(base_ckpt, base_path).to(device)
-    data = load_dataset(cfg["DATA_DIR"], cfg["DOWNLOAD"], out)
-    base_cfg = base_ckpt["config"]
-    train, val = split_train_val(*data["train"][:2], base_cfg["VAL_SIZE"], base_cfg["SEED"])
-    if base_cfg.get("TRAIN_SUBSET"):
-        train = (train[0][:base_cfg["TRAIN_SUBSET"]], train[1][:base_cfg["TRAIN_SUBSET"]])
-    train = tuple(t.to(device) for t in train)
-    t_start = time.time()
-    base_val = model_accuracy(teacher, *val, batch_size=512, device=device)
-    floor = base_val - cfg["MAX_ACC_DROP"]
-    print(f"budget: baseline val {base_val:.2f}% - MAX_ACC_DROP {cfg['MAX_ACC_DROP']} = {floor:.2f}%, the least "
-          f"validation accuracy the final INT8 model may have; OBJECTIVE={cfg['OBJECTIVE']}", flush=True)
-    extra = {"teacher": base_path, "classes": base_ckpt["classes"]}
-
-    # 2. Knowledge distillation into a narrower student (loss: KD_ALPHA*T^2*KL + (1-KD_ALPHA)*CE)
-    w = cfg["STUDENT_WIDTH"]
-    student = ResNet(stem=cfg["STUDENT_STEM"], widths=(w, 2 * w, 4 * w, 8 * w),
-                     num_classes=base_ckpt["model"]["kwargs"]["num_classes"]).to(device)
-    if cfg["CHANNELS_LAST"]:
-        student = student.to(memory_format=torch.channels_last)
-    kd = distillation_objective(teacher, cfg["KD_TEMPERATURE"], cfg["KD_ALPHA"])
-    student_path = os.path.join(out, ARTIFACTS["student"])
-    train_stage("student", student_path, student, kd, cfg["KD_LR"], cfg["KD_EPOCHS"], train, val, cfg,
-                {"teacher": weights_fingerprint(base_ckpt["state_dict"])}, extra)
-    student_cpu = deployable(student)
-    student_id = weights_fingerprint(clean_state_dict(student_cpu))
-    print_change("distill", summary(count_params(teacher), base_path, base_val),
-                 summary(count_params(student_cpu), student_path, model_accuracy(student_cpu, *val, 500, "cpu")))
-    t_search = time.time()
-
-    # 3. Sensitivity of each layer to structured pruning, unstructured pruning and INT8 (validation images)
-    pick = torch.randperm(len(train[0]), generator=torch.Generator().manual_seed(cfg["SEED"]))[:cfg["CALIB_IMAGES"]]
-    calib = train[0][pick.to(train[0].device)].cpu().float() / 255
-    sens = sensitivities(student_cpu, student_id, val, calib, cfg)
-    print(f"sensitivity: {out}/sensitivity.md, sensitivity.png ({time.time() - t_search:.0f}s)", flush=True)
-
-    # 4. The search. Every candidate: fine-tuned with distillation, quantized (INT8, float fallback for the most
-    #    sensitive layers if needed), stored compactly, timed, and judged on the whole validation split.
-    work = os.path.join(out, "search")
-    x_latency = val[0][:64].float() / 255
-    ctx = {"val": val, "calib": calib, "floor": floor, "int8_drops": sens["int8"], "max_float": cfg["MAX_FLOAT_LAYERS"],
-           "per_channel": cfg["PER_CHANNEL"], "calib_method": cfg["CALIB_METHOD"], "work_dir": work,
-           "x_latency": x_latency, "threads": cfg["LATENCY_THREADS"], "runs_b1": cfg["LATENCY_RUNS"],
-           "latency_cache": {},
-           "reference": reference(teacher, base_path, base_val, work, x_latency, cfg["LATENCY_THREADS"],
-                                  cfg["LATENCY_RUNS"])}
-    candidates, models = [], {}
-    run = {"cfg": cfg, "kd": kd, "train": train, "val": val, "extra": extra, "ctx": ctx, "candidates": candidates,
-           "models": models}
-    add_candidate(candidates, models, "student", student, val, ctx, kind="student")
-    current = student
-    # 4a. Structured: remove inner channels of the blocks, step by step, each step from the last one kept
-    for step in range(1, cfg["STRUCT_STEPS"] + 1):
-        level = cfg["STRUCT_MAX"] * step / cfg["STRUCT_STEPS"]
-        counts = structured_counts(student_cpu, sens["structured"], level, cfg["CHANNEL_MULTIPLE"])
-        model, entry = search_step(run, f"struct{step}", structured_prune(deployable(current), counts), current,
-                                   cfg["STRUCT_EPOCHS"], {"mids": counts}, kind="structured", level=level)
-        if not entry["within_budget"]:
-            break
-        current = model
-    # 4b. Unstructured, gradual (AGP): per-layer ratios from the sensitivities, on the last structured model kept
-    agp = agp_schedule(cfg["SPARSITY"], cfg["AGP_STEPS"]) if cfg["OBJECTIVE"] != "latency" else []
-    for step, target in enumerate(agp, 1):
-        model = deployable(current)  # earlier zeros are folded in; the new masks keep them (ratios only grow)
-        sizes = {n: m.weight.numel() for n, m in prunable_layers(model).items()}
-        ratios = allocate(sens["unstructured"], sizes, target)
-        magnitude_masks(model, ratios)
-        model, entry = search_step(run, f"sparse{step}", model, current, cfg["AGP_EPOCHS"], {"ratios": ratios},
-                                   kind="unstructured", target=target)
-        if not entry["within_budget"]:
-            break
-        current = model
-    chosen, met = choose(candidates, cfg["OBJECTIVE"])
-    # 4c. Recovery: the chosen pruned model fine-tuned FINAL_EPOCHS more with its zeros kept; it replaces the
-    #     chosen one if it stays within the budget and is at least as accurate on validation
-    if chosen["name"] != "student" and met and cfg["FINAL_EPOCHS"]:
-        parent = models[chosen["name"]]
-        model = copy.deepcopy(parent)
-        magnitude_masks(model, zero_fractions(model))  # masks exactly where the zeros are
-        _, entry = search_step(run, f"{chosen['name']}_ft", model, parent, cfg["FINAL_EPOCHS"], {}, kind="recovery")
-        if entry["within_budget"] and entry["val_acc"] >= chosen["val_acc"]:
-            chosen = entry
-    search_s = time.time() - t_search
-    print(f"search: {len(candidates)} candidates in {search_s:.0f}s; chosen {chosen['name']} "
-          f"({'within' if met else 'NOT within'} the budget, OBJECTIVE={cfg['OBJECTIVE']})", flush=True)
-    if not met:
-        print(f"warning: no candidate kept {floor:.2f}% on validation; {chosen['name']} is the most accurate. "
+def report(result, floor, cfg):
+    print(f"search: {len(result.candidates)} candidates in {result.seconds:.0f}s; chosen {result.chosen.name} "
+          f"({'within' if result.budget_met else 'NOT within'} the budget, OBJECTIVE={cfg['OBJECTIVE']})", flush=True)
+    if not result.budget_met:
+        print(f"warning: no candidate kept {floor:.2f}% on validation; {result.chosen.name} is the most accurate. "
               f"Raise MAX_ACC_DROP or KD_EPOCHS.")
 
-    # 5. The chosen model: float checkpoint (rebuilds its pruned shape), INT8 ONNX file, compact archive
-    final = models[chosen["name"]]
-    pruned_path = os.path.join(out, ARTIFACTS["pruned"])
-    write_checkpoint(pruned_path, {"stage": "pruned", "model": final.spec, "config": cfg, "search": chosen, **extra},
-                     final, None, None, 1, 1, [{"epoch": 1, "val_accuracy": chosen["float_val_acc"]}])
-    int8_path = os.path.join(out, ARTIFACTS["int8"])
-    shutil.copyfile(chosen["int8_onnx"], int8_path)
-    save_onnx_metadata(int8_path, {"stage": "int8", "classes": base_ckpt["classes"], "config": cfg,
-                                   "input": "float32 (N, 3, 32, 32) RGB in [0, 1]", "source": pruned_path,
-                                   "float_layers": chosen["float_layers"]})
-    sparse_path = os.path.join(out, ARTIFACTS["int8_sparse"])
-    save_sparse_onnx(int8_path, sparse_path)
-    student_stats = summary(count_params(student_cpu), student_path, candidates[0]["float_val_acc"])
-    final_stats = summary(count_params(final), pruned_path, chosen["float_val_acc"])
-    int8_stats = summary(onnx_param_counts(int8_path), int8_path, chosen["val_acc"])
-    print_change("prune", student_stats, final_stats)
-    print_change("int8", final_stats, int8_stats)
-    print_change("store", int8_stats, {**int8_stats, "mib": os.path.getsize(sparse_path) / 2**20})
 
-    # 6. The original README's recipe, for comparison: quantize_dynamic on the chosen model, saved as a state_dict
-    seed_path = os.path.join(out, ARTIFACTS["seed_recipe"])
-    seed_model = seed_recipe(final, seed_path, {"model": final.spec, "config": cfg, "classes": base_ckpt["classes"]})
-    seed = seed_recipe_point(seed_model, teacher, seed_path, val, x_latency, cfg)
-    print_change("seed", final_stats, {**final_stats, "mib": seed["bytes"] / 2**20, "val_acc": seed["val_acc"]})
-    atomic_write_text(os.path.join(out, "search.json"), json.dumps(
-        {"config": cfg, "baseline_val_acc": base_val, "floor": floor, "objective": cfg["OBJECTIVE"],
-         "reference": ctx["reference"], "candidates": candidates, "chosen": chosen["name"], "budget_met": met,
-         "seed_recipe": seed, "seconds": {"distillation": t_search - t_start, "sensitivity_and_search": search_s,
-                                          "total": time.time() - t_start}}, indent=1) + "\n")
-    print(f"compress_model: done in {time.time() - t_start:.0f}s (sensitivity and search {search_s:.0f}s); "
-          f"next: python evaluate_results.py")
+def write_artifacts(result, teacher, ctx, cfg, seconds):
+    """The chosen model as pruned.pth (float; rebuilds its pruned shape), int8.onnx (what ships), int8.sparse
+    (the same, stored compactly), seed_recipe.pth (the original recipe on it) and search.json: written into a
+    staging folder, each with this run's id, and moved into OUT_DIR together once all are written."""
+    out, chosen, run_id = cfg["OUT_DIR"], result.chosen, new_run_id()
+    paths = {stage: os.path.join(out, ARTIFACTS[stage]) for stage in ("student", "pruned", "int8", "int8_sparse")}
+    meta = {"config": cfg, "classes": teacher.classes, "teacher": teacher.path, "run_id": run_id}
+    with ArtifactSet(out) as staged:
+        write_checkpoint(staged.path(ARTIFACTS["pruned"]), {**meta, "stage": "pruned", "model": chosen.model.spec,
+                         "search": chosen.entry}, chosen.model,
+                         Progress(1, 1, [{"epoch": 1, "val_accuracy": chosen.entry["float_val_acc"]}]))
+        int8 = staged.path(ARTIFACTS["int8"])
+        shutil.copyfile(chosen.entry["int8_onnx"], int8)
+        save_onnx_metadata(int8, {**meta, "stage": "int8", "input": "float32 (N, 3, 32, 32) RGB in [0, 1]",
+                                  "source": paths["pruned"], "float_layers": chosen.entry["float_layers"]})
+        save_sparse_onnx(int8, staged.path(ARTIFACTS["int8_sparse"]), run_id)
+        seed_path = staged.path(ARTIFACTS["seed_recipe"])
+        seed = seed_recipe_point(seed_recipe(chosen.model, seed_path, {**meta, "model": chosen.model.spec}),
+                                 teacher, seed_path, ctx)
+        atomic_write_text(staged.path("search.json"), json.dumps(
+            {"config": cfg, "run_id": run_id, "baseline_val_acc": ctx.reference["val_acc"], "floor": ctx.floor,
+             "objective": cfg["OBJECTIVE"], "reference": ctx.reference, "candidates": result.log(),
+             "chosen": chosen.name, "budget_met": result.budget_met, "seed_recipe": seed, "seconds": seconds,
+             "inputs": {ARTIFACTS[s]: file_digest(os.path.join(out, ARTIFACTS[s])) for s in ("baseline", "student")}},
+            indent=1) + "\n")
+    student = result.candidates[0]
+    before = summary(count_params(student.model), paths["student"], student.entry["float_val_acc"])
+    after = summary(count_params(chosen.model), paths["pruned"], chosen.entry["float_val_acc"])
+    int8_stats = summary(onnx_param_counts(paths["int8"]), paths["int8"], chosen.entry["val_acc"])
+    print_change("prune", before, after)
+    print_change("int8", after, int8_stats)
+    print_change("store", int8_stats, {**int8_stats, "mib": os.path.getsize(paths["int8_sparse"]) / 2**20})
+    print_change("seed", after, {**after, "mib": seed["bytes"] / 2**20, "val_acc": seed["val_acc"]})
+    print(f"compress_model: run {run_id} done in {seconds['total']:.0f}s (sensitivity and search "
+          f"{seconds['sensitivity_and_search']:.0f}s); next: python evaluate_results.py")
+
+
+def main(argv):
+    cfg = configure("compress_model", globals(), argv, check_config, _PROFILES, pick_device)
+    torch.manual_seed(cfg["SEED"])
+    with out_dir_lock(cfg["OUT_DIR"], "compress_model.py"):
+        t_start = time.time()
+        teacher = Teacher(cfg)
+        train, val = load_splits(cfg, teacher)
+        base_val, floor = budget_floor(teacher, val, cfg)
+        kd = distillation_objective(teacher.model, cfg["KD_TEMPERATURE"], cfg["KD_ALPHA"])
+        distiller = Distiller(kd, train, val, cfg, {"config": cfg, "classes": teacher.classes, "teacher": teacher.path})
+        student = distil(teacher, distiller, cfg)
+        t_search = time.time()
+        quant = quantization(train, cfg)
+        sens = sensitivities(student, val, quant, cfg)
+        ctx = search_context(val, floor, quant, sens, teacher, base_val, cfg)
+        result = run_search(ctx, search_plan(cfg), student, sens, distiller.finetune)
+        report(result, floor, cfg)
+        seconds = {"distillation": t_search - t_start, "sensitivity_and_search": time.time() - t_search}
+        write_artifacts(result, teacher, ctx, cfg, {**seconds, "total": time.time() - t_start})
 
 
 if __name__ == "__main__":

@@ -2,38 +2,47 @@
 
     python evaluate_results.py [--NAME=VALUE ...]
 
-Writes OUT_DIR/results.json and OUT_DIR/results.md and prints the same table. Accuracy is on the whole test
-split; latency is the median over timed runs after warm-up, with a fixed thread count; every float model is
-also exported to ONNX, so that the baseline and the INT8 model are timed on the same runtime.
+Writes OUT_DIR/results.json and OUT_DIR/results.md and prints the same table; draws pareto.png (the search)
+and training.png (every training stage's curves, from metrics.jsonl). Accuracy is on the whole test split, in
+float32, on every core (float models on the GPU where DEVICE is cuda); latency is the median over timed runs
+after warm-up with THREADS threads; every float model is also exported to ONNX, so that the baseline and the
+INT8 model are timed on the same runtime. Before any slow work, every artifact is read back and checked: all
+readable, and the files of compress_model.py from one run (the same run id in each).
 """
 import json
 import os
 import time
+from dataclasses import dataclass
 
 import onnx
-import torch
 
-from utils.checkpoint import ARTIFACTS, MADE_BY, atomic_write_text, load_checkpoint, load_model, versions
-from utils.compress import count_params, export_onnx, load_seed_recipe, onnx_param_counts
-from utils.config import UserError, check_range, print_config, resolve_config, run_cli, script_constants
+from utils.checkpoint import ARTIFACTS, MADE_BY, load_checkpoint, load_model, count_params, versions
+from utils.config import UserError, check_range, configure, run_cli
 from utils.data import load_dataset
-from utils.plots import plot_pareto
-from utils.sparse import load_sparse_onnx
-from utils.measure import (eager_predict, gzip_size, machine_info, median_latency_ms, ort_predict, ort_session,
+from utils.device import pick_device
+from utils.files import atomic_write_text, file_digest, out_dir_lock
+from utils.measure import (Timing, eager_latency, gzip_size, machine_info, model_accuracy, ort_accuracy, ort_latency,
                            results_table)
-from utils.train import predict_accuracy
+from utils.plots import plot_pareto, plot_training
+from utils.quantize import export_onnx, load_seed_recipe, onnx_metadata, onnx_param_counts
+from utils.sparse import SparseFormatError, read_sparse
+from utils.train import METRICS_FILE as _METRICS_FILE  # not a constant of this script
 
 # -----------------------------------------------------------------------------------------------
 DATA_DIR = "data"            # the data the baseline was trained on (CIFAR-10 or ImageFolder root); env DATA_DIR too
 DOWNLOAD = True              # download CIFAR-10 into DATA_DIR when no data is there (needs internet)
 OUT_DIR = "runs"             # where the stages' artifacts are, and where results.json / results.md go
-THREADS = 1                  # CPU threads for inference and timing, both runtimes (0 = all cores); see README
+PROFILE = "auto"             # auto | cpu | gpu: as the other scripts (this one's constants are the same in both)
+DEVICE = "auto"              # auto | cpu | cuda: where float models' accuracy is measured (timing is always CPU)
+THREADS = 1                  # CPU threads for timing, both runtimes (0 = all cores); accuracy uses every core
 RUNS_B1 = 200                # timed runs at batch 1 (at least 100)
 RUNS_B64 = 30                # timed runs at batch 64
 WARMUP = 20                  # untimed runs before timing
 EVAL_BATCH = 500             # batch size of the accuracy pass
 # -----------------------------------------------------------------------------------------------
 FLOAT_STAGES = ("baseline", "student", "pruned")
+INT8_STAGES = ("int8", "int8_sparse")
+RUN_FILES = ("pruned", "int8", "int8_sparse", "seed_recipe", "search")  # written together by compress_model.py
 
 
 def check_config(cfg):
@@ -44,54 +53,121 @@ def check_config(cfg):
     check_range(cfg, "WARMUP", 0, 10**6)
 
 
-def latencies(predict, test_x, cfg):
-    """Median ms at batch 1 and batch 64 on real test images."""
-    x1, x64 = test_x[:1].float() / 255, test_x[:64].float() / 255
-    return {"b1_ms": median_latency_ms(predict, x1, cfg["WARMUP"], cfg["RUNS_B1"]),
-            "b64_ms": median_latency_ms(predict, x64, max(cfg["WARMUP"] // 10, 1), cfg["RUNS_B64"])}
+@dataclass
+class Artifact:
+    """One stage's file as read back from disk: its model (eager module or ONNX ModelProto) and its run id."""
+    stage: str
+    path: str
+    model: object
+    run_id: str = None
 
 
-def measure_float(stage, test, cfg, threads):
-    """A .pth float model: accuracy and latency in eager PyTorch, and again as its ONNX export in ONNX Runtime."""
-    path = os.path.join(cfg["OUT_DIR"], ARTIFACTS[stage])
-    model = load_model(load_checkpoint(path, stage), path)
-    params, nonzero = count_params(model)
-    eager = eager_predict(model)
-    onnx_path = export_onnx(model, os.path.join(cfg["OUT_DIR"], "onnx", f"{stage}_fp32.onnx"))
-    session = ort_predict(ort_session(onnx_path, threads))
-    return {"stage": stage, "artifact": path, "runtime": "onnxruntime (fp32 export)",
-            "accuracy": predict_accuracy(eager, *test, cfg["EVAL_BATCH"]),
-            "onnx_accuracy": predict_accuracy(session, *test, cfg["EVAL_BATCH"]),
+def read_artifact(stage, path):
+    """Read one stage's file; anything missing or unreadable is a one-line UserError naming it."""
+    if not os.path.exists(path):
+        raise UserError(f"no {stage} artifact at {path}: run {MADE_BY[stage]} first")
+    if stage in FLOAT_STAGES:
+        ckpt = load_checkpoint(path, stage, finished=True)
+        return Artifact(stage, path, load_model(ckpt, path), ckpt.get("run_id"))
+    if stage == "seed_recipe":
+        model, ckpt = load_seed_recipe(path)
+        return Artifact(stage, path, model, ckpt.get("run_id"))
+    try:
+        if stage == "int8_sparse":
+            model, header = read_sparse(path)
+            return Artifact(stage, path, model, header.get("run_id"))
+        model = onnx.load(path)
+        onnx.checker.check_model(model)
+        return Artifact(stage, path, model, onnx_metadata(model, "run_id"))
+    except SparseFormatError as e:
+        raise UserError(str(e)) from None
+    except Exception as e:  # protobuf DecodeError, checker errors, bad metadata
+        raise UserError(f"{path} is not a readable ONNX model (corrupt or truncated?): {type(e).__name__}") from None
+
+
+def read_search(out):
+    path = os.path.join(out, "search.json")
+    if not os.path.exists(path):
+        raise UserError(f"no search.json in {out}: run compress_model.py first")
+    try:
+        with open(path) as f:
+            search = json.load(f)
+    except ValueError as e:
+        raise UserError(f"{path} is unreadable (corrupt or truncated?): {type(e).__name__}; rerun compress_model.py")
+    needed = {"candidates", "chosen", "floor", "objective", "reference", "seed_recipe", "baseline_val_acc"}
+    if not isinstance(search, dict) or not needed <= set(search):
+        raise UserError(f"{path} lacks what evaluate_results.py reads (an older or foreign file?); rerun "
+                        f"compress_model.py")
+    return search
+
+
+def check_one_run(artifacts, search, out):
+    """The files of compress_model.py must come from one run (the same run id in each) and from the baseline and
+    student now in OUT_DIR; otherwise name the odd one out."""
+    ids = {stage: artifacts[stage].run_id for stage in RUN_FILES if stage != "search"}
+    ids["search"] = search.get("run_id")
+    expected = search.get("run_id")
+    odd = [f"{ARTIFACTS.get(stage, 'search.json')} (run {run_id})" for stage, run_id in ids.items()
+           if run_id != expected]
+    if odd:
+        raise UserError(f"artifacts of different runs in {out}: search.json is run {expected}, but "
+                        f"{', '.join(odd)}; rerun compress_model.py")
+    for name, digest in search.get("inputs", {}).items():
+        if file_digest(os.path.join(out, name)) != digest:
+            raise UserError(f"{os.path.join(out, name)} changed after compress_model.py made run {expected} from it;"
+                            f" rerun compress_model.py")
+
+
+def load_artifacts(cfg):
+    """Every stage's artifact read back from disk and checked, before any slow work."""
+    out = cfg["OUT_DIR"]
+    artifacts = {stage: read_artifact(stage, os.path.join(out, name)) for stage, name in ARTIFACTS.items()}
+    search = read_search(out)
+    check_one_run(artifacts, search, out)
+    return artifacts, search
+
+
+def measure_float(art, test, cfg, timing):
+    """A .pth float model: accuracy (on DEVICE) and latency in eager PyTorch, and again as its ONNX export in
+    ONNX Runtime."""
+    onnx_path = export_onnx(art.model, os.path.join(cfg["OUT_DIR"], "onnx", f"{art.stage}_fp32.onnx"))
+    params, nonzero = count_params(art.model)
+    x = test.x[:64].float() / 255
+    return {"stage": art.stage, "artifact": art.path, "runtime": "onnxruntime (fp32 export)",
+            "accuracy": model_accuracy(art.model.to(cfg["DEVICE"]), test, cfg["DEVICE"], cfg["EVAL_BATCH"]),
+            "onnx_accuracy": ort_accuracy(onnx_path, test, cfg["EVAL_BATCH"]),
             "params": params, "nonzero_params": nonzero, "onnx_artifact": onnx_path,
-            "latency": {"onnxruntime": latencies(session, test[0], cfg), "pytorch": latencies(eager, test[0], cfg)}}
+            "latency": {"onnxruntime": ort_latency(onnx_path, x, timing), "pytorch": eager_latency(art.model, x, timing)}}
 
 
-def measure_int8(stage, test, cfg, threads):
+def measure_int8(art, test, cfg, timing):
     """The INT8 model as ONNX Runtime runs it: from int8.onnx, or rebuilt in memory from the compact archive
     int8.sparse (so that archive's accuracy is that of the weights it restores)."""
-    path = os.path.join(cfg["OUT_DIR"], ARTIFACTS[stage])
-    if stage == "int8_sparse":
-        try:
-            model = load_sparse_onnx(path)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-    else:
-        model = onnx.load(path)
-    session = ort_predict(ort_session(model.SerializeToString(), threads))
-    params, nonzero = onnx_param_counts(model)
-    runtime = "onnxruntime (int8, archive)" if stage == "int8_sparse" else "onnxruntime (int8)"
-    return {"stage": stage, "artifact": path, "runtime": runtime,
-            "accuracy": predict_accuracy(session, *test, cfg["EVAL_BATCH"]), "params": params,
-            "nonzero_params": nonzero, "latency": {"onnxruntime": latencies(session, test[0], cfg)}}
+    serialized = art.model.SerializeToString()
+    params, nonzero = onnx_param_counts(art.model)
+    runtime = "onnxruntime (int8, archive)" if art.stage == "int8_sparse" else "onnxruntime (int8)"
+    return {"stage": art.stage, "artifact": art.path, "runtime": runtime,
+            "accuracy": ort_accuracy(serialized, test, cfg["EVAL_BATCH"]), "params": params,
+            "nonzero_params": nonzero, "latency": {"onnxruntime": ort_latency(serialized, test.x[:64].float() / 255,
+                                                                              timing)}}
 
 
-def measure_seed_recipe(test, cfg):
-    path = os.path.join(cfg["OUT_DIR"], ARTIFACTS["seed_recipe"])
-    model = load_seed_recipe(path)
-    eager = eager_predict(model)
-    return {"stage": "seed_recipe", "artifact": path, "runtime": "pytorch (eager)",
-            "accuracy": predict_accuracy(eager, *test, cfg["EVAL_BATCH"]),
-            "params": None, "nonzero_params": None, "latency": {"pytorch": latencies(eager, test[0], cfg)}}
+def measure_seed_recipe(art, test, cfg, timing):
+    return {"stage": "seed_recipe", "artifact": art.path, "runtime": "pytorch (eager)",
+            "accuracy": model_accuracy(art.model, test, "cpu", cfg["EVAL_BATCH"]),
+            "params": None, "nonzero_params": None,
+            "latency": {"pytorch": eager_latency(art.model, test.x[:64].float() / 255, timing)}}
+
+
+def measure_all(artifacts, test, cfg, timing):
+    rows = []
+    for stage, art in artifacts.items():
+        measure = (measure_float if stage in FLOAT_STAGES else measure_int8 if stage in INT8_STAGES
+                   else measure_seed_recipe)
+        rows.append(measure(art, test, cfg, timing))
+        print(f"measured {stage}: test accuracy {rows[-1]['accuracy']:.2f}%", flush=True)
+    add_sizes_and_ratios(rows)
+    return rows
 
 
 def add_sizes_and_ratios(rows):
@@ -109,57 +185,41 @@ def add_sizes_and_ratios(rows):
         row["accuracy_drop"] = base["accuracy"] - row["accuracy"]
 
 
-def main(argv):
-    # 1. Constants; a fixed thread count for both runtimes
-    cfg = resolve_config(script_constants(globals()), argv)
-    check_config(cfg)
-    threads = cfg["THREADS"] or os.cpu_count()
-    torch.set_num_threads(threads)
-    print_config("evaluate_results", cfg)
-    print(f"threads: {threads} (PyTorch and ONNX Runtime)")
-
-    # 2. Every artifact present (before any slow work), and the test split (used here only, for reporting)
-    for stage, path in ARTIFACTS.items():
-        if not os.path.exists(os.path.join(cfg["OUT_DIR"], path)):
-            raise UserError(f"no {stage} artifact at {os.path.join(cfg['OUT_DIR'], path)}: run {MADE_BY[stage]} first")
-    if not os.path.exists(os.path.join(cfg["OUT_DIR"], "search.json")):
-        raise UserError(f"no search.json in {cfg['OUT_DIR']}: run compress_model.py first")
-    data = load_dataset(cfg["DATA_DIR"], cfg["DOWNLOAD"], cfg["OUT_DIR"])
-    test = data["test"][:2]
-
-    # 3. Each stage's artifact loaded back from disk, measured
-    t0 = time.time()
-    rows = []
-    for stage in FLOAT_STAGES:
-        rows.append(measure_float(stage, test, cfg, threads))
-        print(f"measured {stage}: test accuracy {rows[-1]['accuracy']:.2f}%", flush=True)
-    for stage in ("int8", "int8_sparse"):
-        rows.append(measure_int8(stage, test, cfg, threads))
-        print(f"measured {stage}: test accuracy {rows[-1]['accuracy']:.2f}%", flush=True)
-    rows.append(measure_seed_recipe(test, cfg))
-    print(f"measured seed_recipe: test accuracy {rows[-1]['accuracy']:.2f}%", flush=True)
-    add_sizes_and_ratios(rows)
-
-    # 4. The search's candidates (validation accuracy) against size and speed: Pareto fronts in pareto.png
-    search = json.load(open(os.path.join(cfg["OUT_DIR"], "search.json")))
-    plot_pareto(search, os.path.join(cfg["OUT_DIR"], "pareto.png"))
-    keys = ("chosen", "objective", "floor", "baseline_val_acc", "budget_met", "seconds")
-    search_summary = {k: search[k] for k in keys}
+def draw(search, cfg):
+    """pareto.png (the search's candidates against size and speed) and training.png (metrics.jsonl)."""
+    out = cfg["OUT_DIR"]
+    plot_pareto(search, os.path.join(out, "pareto.png"))
+    drew = plot_training(os.path.join(out, _METRICS_FILE), os.path.join(out, "training.png"))
     print(f"search: chose {search['chosen']} of {len(search['candidates'])} candidates "
-          f"(OBJECTIVE={search['objective']}, validation floor {search['floor']:.2f}%); "
-          f"Pareto fronts in {cfg['OUT_DIR']}/pareto.png")
+          f"(OBJECTIVE={search['objective']}, validation floor {search['floor']:.2f}%); Pareto fronts in "
+          f"{out}/pareto.png{'; training curves in ' + out + '/training.png' if drew else ''}")
 
-    # 5. The table on the terminal, results.md and results.json
+
+def write_results(rows, search, test, cfg, timing):
     table = results_table(rows)
     print(table)
-    machine = {**machine_info(), "threads": threads, **versions()}
-    header = (f"Machine: {machine['cpu']}, {threads} threads; torch {machine['torch']}, "
-              f"onnxruntime {machine['onnxruntime']}. Test split: {len(test[0])} images.\n\n")
+    machine = {**machine_info(), "threads": timing.threads, **versions()}
+    header = (f"Machine: {machine['cpu']}, {timing.threads} threads; torch {machine['torch']}, "
+              f"onnxruntime {machine['onnxruntime']}. Test split: {len(test.x)} images. Run {search['run_id']}.\n\n")
+    keys = ("run_id", "chosen", "objective", "floor", "baseline_val_acc", "budget_met", "seconds")
     atomic_write_text(os.path.join(cfg["OUT_DIR"], "results.md"), header + table + "\n")
     atomic_write_text(os.path.join(cfg["OUT_DIR"], "results.json"), json.dumps(
         {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "config": cfg, "machine": machine,
-         "test_images": len(test[0]), "search": search_summary, "rows": rows}, indent=2) + "\n")
-    print(f"wrote {cfg['OUT_DIR']}/results.json and results.md ({time.time() - t0:.0f}s of measuring)")
+         "test_images": len(test.x), "search": {k: search.get(k) for k in keys}, "rows": rows}, indent=2) + "\n")
+
+
+def main(argv):
+    cfg = configure("evaluate_results", globals(), argv, check_config, {}, pick_device)
+    timing = Timing(cfg["THREADS"] or os.cpu_count(), cfg["RUNS_B1"], cfg["RUNS_B64"], cfg["WARMUP"])
+    print(f"threads: {timing.threads} for timing (PyTorch and ONNX Runtime), every core for accuracy")
+    with out_dir_lock(cfg["OUT_DIR"], "evaluate_results.py"):
+        artifacts, search = load_artifacts(cfg)
+        test = load_dataset(cfg["DATA_DIR"], cfg["DOWNLOAD"], cfg["OUT_DIR"])["test"]
+        t0 = time.time()
+        rows = measure_all(artifacts, test, cfg, timing)
+        draw(search, cfg)
+        write_results(rows, search, test, cfg, timing)
+        print(f"wrote {cfg['OUT_DIR']}/results.json and results.md ({time.time() - t0:.0f}s of measuring)")
 
 
 if __name__ == "__main__":

@@ -10,10 +10,13 @@ import time
 import torch
 
 from utils.checkpoint import ARTIFACTS, versions
-from utils.config import UserError, check_choice, check_range, print_config, resolve_config, run_cli, script_constants
-from utils.data import load_dataset, split_train_val
+from utils.config import UserError, check_choice, check_range, configure, run_cli
+from utils.data import load_dataset, train_val_split
+from utils.device import AMP_DTYPES, pick_device
+from utils.files import out_dir_lock
+from utils.measure import model_accuracy
 from utils.models import ARCHS, ResNet, model_spec
-from utils.train import cross_entropy_objective, fit, model_accuracy, pick_device, sgd_one_cycle
+from utils.train import Stage, TrainRecipe, cross_entropy_objective, fit
 
 # -----------------------------------------------------------------------------------------------
 DATA_DIR = "data"            # CIFAR-10 (torchvision layout) or an ImageFolder root with train/ and test/; env DATA_DIR too
@@ -31,13 +34,16 @@ LABEL_SMOOTHING = 0.1        # cross-entropy label smoothing, 0 to 1
 VAL_SIZE = 5000              # training images held out for validation (all choices; the test split only reports)
 TRAIN_SUBSET = 0             # train on the first N images of the training split only (0 = all); for quick tries
 CHANNELS_LAST = True         # channels-last memory format (faster convolutions on CPU and GPU)
+AMP_DTYPE = "float32"        # float32 | bfloat16 | float16: autocast dtype of training (bf16 is slow on most CPUs)
 SEED = 0                     # seed of the validation split, initialisation and batch order
 # -----------------------------------------------------------------------------------------------
-_PROFILES = {"cpu": {}, "gpu": {"ARCH": "resnet18_cifar", "EPOCHS": 40, "BATCH_SIZE": 512, "LR": 0.4}}
+_PROFILES = {"cpu": {}, "gpu": {"ARCH": "resnet18_cifar", "EPOCHS": 40, "BATCH_SIZE": 512, "LR": 0.4,
+                               "AMP_DTYPE": "bfloat16"}}
 
 
 def check_config(cfg):
     check_choice(cfg, "ARCH", tuple(ARCHS))
+    check_choice(cfg, "AMP_DTYPE", AMP_DTYPES)
     for name in ("EPOCHS", "BATCH_SIZE", "VAL_SIZE"):
         check_range(cfg, name, 1, 10**9)
     check_range(cfg, "TRAIN_SUBSET", 0, 10**9)
@@ -47,50 +53,48 @@ def check_config(cfg):
     check_range(cfg, "WEIGHT_DECAY", 0, 1)
 
 
-def main(argv):
-    # 1. Constants: defaults < device profile < flags; printed, and stored in the checkpoint
-    cfg = resolve_config(script_constants(globals()), argv, _PROFILES, pick_device)
-    check_config(cfg)
-    print_config(f"train_baseline ({cfg['PROFILE']} profile)", cfg)
-    torch.manual_seed(cfg["SEED"])
-    device = cfg["DEVICE"]
-
-    # 2. Data: decoded once into uint8 tensors; a validation split held out of train
+def load_splits(cfg):
+    """Images decoded once into uint8 tensors; a validation split held out of train; both on the device."""
     data = load_dataset(cfg["DATA_DIR"], cfg["DOWNLOAD"], cfg["OUT_DIR"])
-    train, val = split_train_val(*data["train"][:2], cfg["VAL_SIZE"], cfg["SEED"])
-    if cfg["TRAIN_SUBSET"]:
-        train = (train[0][:cfg["TRAIN_SUBSET"]], train[1][:cfg["TRAIN_SUBSET"]])
-    train, val = [tuple(t.to(device) for t in split) for split in (train, val)]
-    classes = data["train"][2]
-    print(f"data: {len(train[0])} train, {len(val[0])} validation, {len(data['test'][0])} test images, "
-          f"{len(classes)} classes")
+    train, val = train_val_split(data["train"], cfg["VAL_SIZE"], cfg["SEED"], cfg["TRAIN_SUBSET"])
+    print(f"data: {len(train.x)} train, {len(val.x)} validation, {len(data['test'].x)} test images, "
+          f"{len(train.classes)} classes")
+    if len(train.x) < cfg["BATCH_SIZE"]:
+        raise UserError(f"BATCH_SIZE={cfg['BATCH_SIZE']} is larger than the {len(train.x)} training images")
+    return train.to(cfg["DEVICE"]), val.to(cfg["DEVICE"])
 
-    # 3. Model and recipe: SGD + Nesterov, one-cycle learning rate, label smoothing, weight decay
+
+def build(cfg, classes):
+    """The model and its recipe: SGD + Nesterov, one-cycle learning rate, label smoothing, weight decay."""
     spec = model_spec(**ARCHS[cfg["ARCH"]], num_classes=len(classes))
-    model = ResNet(**spec["kwargs"]).to(device)
+    model = ResNet(**spec["kwargs"]).to(cfg["DEVICE"])
     if cfg["CHANNELS_LAST"]:
         model = model.to(memory_format=torch.channels_last)
-    steps = len(train[0]) // cfg["BATCH_SIZE"]
-    if steps == 0:
-        raise UserError(f"BATCH_SIZE={cfg['BATCH_SIZE']} is larger than the {len(train[0])} training images")
-    opt, sched = sgd_one_cycle(model, cfg["LR"], cfg["MOMENTUM"], cfg["WEIGHT_DECAY"], cfg["EPOCHS"], steps)
-    print(f"model: {cfg['ARCH']}, {sum(p.numel() for p in model.parameters()):,} parameters, on {device}")
+    print(f"model: {cfg['ARCH']}, {sum(p.numel() for p in model.parameters()):,} parameters, on {cfg['DEVICE']}")
+    recipe = TrainRecipe(lr=cfg["LR"], epochs=cfg["EPOCHS"], batch_size=cfg["BATCH_SIZE"], momentum=cfg["MOMENTUM"],
+                         weight_decay=cfg["WEIGHT_DECAY"], seed=cfg["SEED"], channels_last=cfg["CHANNELS_LAST"],
+                         amp_dtype=cfg["AMP_DTYPE"])
+    return model, recipe
 
-    # 4. Train (resumes an unfinished OUT_DIR/baseline.pth), checkpointing every epoch
-    resume_key = {k: cfg[k] for k in ("ARCH", "EPOCHS", "BATCH_SIZE", "LR", "MOMENTUM", "WEIGHT_DECAY",
-                                      "LABEL_SMOOTHING", "VAL_SIZE", "TRAIN_SUBSET", "SEED")}
-    meta = {"stage": "baseline", "model": spec, "classes": classes, "config": cfg, "resume_key": resume_key}
-    path = os.path.join(cfg["OUT_DIR"], ARTIFACTS["baseline"])
-    t0 = time.time()
-    history = fit(model, cross_entropy_objective(cfg["LABEL_SMOOTHING"]), opt, sched, train, val,
-                  epochs=cfg["EPOCHS"], batch_size=cfg["BATCH_SIZE"], device=device, seed=cfg["SEED"],
-                  ckpt_path=path, meta=meta, channels_last=cfg["CHANNELS_LAST"])
 
-    # 5. Summary: validation accuracy of the final weights (the test split is evaluate_results.py's)
-    val_acc = model_accuracy(model, *val, batch_size=512, device=device)
-    print(f"baseline: val_acc {val_acc:.2f}% after {len(history)} epochs ({time.time() - t0:.0f}s this run), "
-          f"saved {path} ({os.path.getsize(path) / 2**20:.1f} MiB); torch {versions()['torch']}")
-    print("next: python compress_model.py")
+def main(argv):
+    # Constants: defaults < device profile < environment < flags; printed, and stored in the checkpoint
+    cfg = configure("train_baseline", globals(), argv, check_config, _PROFILES, pick_device)
+    torch.manual_seed(cfg["SEED"])
+    with out_dir_lock(cfg["OUT_DIR"], "train_baseline.py"):
+        train, val = load_splits(cfg)
+        model, recipe = build(cfg, train.classes)
+        # Train (resumes an unfinished OUT_DIR/baseline.pth), checkpointing every epoch
+        path = os.path.join(cfg["OUT_DIR"], ARTIFACTS["baseline"])
+        made_from = {k: cfg[k] for k in ("ARCH", "LABEL_SMOOTHING", "VAL_SIZE", "TRAIN_SUBSET")}
+        stage = Stage("baseline", "baseline", path, cfg["DEVICE"], made_from, {"classes": train.classes, "config": cfg})
+        t0 = time.time()
+        progress = fit(model, cross_entropy_objective(cfg["LABEL_SMOOTHING"]), recipe, train, val, stage)
+        # Summary: validation accuracy of the final weights in float32 (the test split is evaluate_results.py's)
+        val_acc = model_accuracy(model, val, cfg["DEVICE"], 512)
+        print(f"baseline: val_acc {val_acc:.2f}% after {progress.epoch} epochs ({time.time() - t0:.0f}s this run), "
+              f"saved {path} ({os.path.getsize(path) / 2**20:.1f} MiB); torch {versions()['torch']}")
+        print("next: python compress_model.py")
 
 
 if __name__ == "__main__":

@@ -135,7 +135,8 @@ def test_missing_and_empty_data_folders(tmp_path, capsys, monkeypatch):
     (compress_model, ["--KD_ALPHA=-0.1"], ["--KD_ALPHA must be in"]),
     (compress_model, ["--CALIB_METHOD=magic"], ["--CALIB_METHOD must be one of"]),
     (evaluate_results, ["--RUNS_B1=10"], ["--RUNS_B1 must be in"]),
-    (evaluate_results, ["--DEVICE=cpu"], ["unknown constant --DEVICE"]),
+    (evaluate_results, ["--PROFILE=tpu"], ["--PROFILE must be one of"]),
+    (evaluate_results, ["--DEVCE=cpu"], ["unknown constant --DEVCE"]),
 ])
 def test_bad_constants(script, argv, words, tmp_path, capsys, monkeypatch):
     code, _, err = cli(script.main, argv + [f"--OUT_DIR={tmp_path}"], capsys, monkeypatch)

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from test_units import tiny_data, tiny_model
-from utils.checkpoint import atomic_save, clean_state_dict, load_checkpoint, load_model
-from utils.compress import export_onnx, quantize_int8
+from utils.checkpoint import clean_state_dict, load_checkpoint, load_model
+from utils.files import atomic_save
+from utils.quantize import Quantization, export_onnx, quantize_int8
 from utils.prune import (agp_schedule, allocate, blocks, magnitude_masks, make_pruning_permanent, prunable_layers,
                          ratio_at, structured_prune, weight_sparsity)
-from utils.search import choose, quantize_within_budget, score
+from utils.search import SearchContext, choose, quantize_within_budget, score
 from utils.sparse import load_sparse_onnx, save_sparse_onnx
 
 
@@ -53,7 +54,7 @@ def quantized_tiny(tmp_path, sparsity):
     make_pruning_permanent(model)
     float_onnx = export_onnx(model, str(tmp_path / "f.onnx"))
     calib = tiny_data(32)[0].float() / 255
-    return quantize_int8(float_onnx, str(tmp_path / "q.onnx"), calib)
+    return quantize_int8(float_onnx, str(tmp_path / "q.onnx"), Quantization(calib))
 
 
 def test_sparse_storage_round_trip_is_bit_exact_and_shrinks_with_sparsity(tmp_path):
@@ -114,12 +115,12 @@ def test_int8_fallback_keeps_the_most_sensitive_layers_in_float_until_the_floor_
     float_onnx = export_onnx(model, str(tmp_path / "f.onnx"))
     val = tiny_data(40, 3)
     drops = {name: float(i) for i, name in enumerate(prunable_layers(model))}  # fc the most sensitive
-    ctx = {"calib": tiny_data(32)[0].float() / 255, "per_channel": True, "calib_method": "MinMax", "val": val,
-           "int8_drops": drops, "max_float": 4, "floor": -1.0}
-    acc, keep = quantize_within_budget(float_onnx, str(tmp_path / "q.onnx"), ctx)
+    ctx = SearchContext(val=val, floor=-1.0, quant=Quantization(tiny_data(32)[0].float() / 255), int8_drops=drops,
+                        timing=None, x_latency=None, work_dir=str(tmp_path))
+    acc, keep = quantize_within_budget(float_onnx, str(tmp_path / "q.onnx"), ctx, max_float_layers=4)
     assert keep == []  # plain INT8 meets a floor nothing can miss
-    ctx["floor"] = 101.0  # a floor nothing can meet: every step of the fallback is tried, most sensitive first
-    acc, keep = quantize_within_budget(float_onnx, str(tmp_path / "q.onnx"), ctx)
+    ctx.floor = 101.0  # a floor nothing can meet: every step of the fallback is tried, most sensitive first
+    acc, keep = quantize_within_budget(float_onnx, str(tmp_path / "q.onnx"), ctx, max_float_layers=4)
     ranked = sorted(drops, key=lambda n: -drops[n])
     assert keep == ranked[:4]
     graph = onnx.load(str(tmp_path / "q.onnx")).graph

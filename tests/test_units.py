@@ -5,11 +5,12 @@ import math
 import pytest
 import torch
 
-from utils.checkpoint import atomic_save, clean_state_dict, load_checkpoint, load_model, weights_fingerprint
+from utils.checkpoint import clean_state_dict, load_checkpoint, load_model, weights_fingerprint
+from utils.files import atomic_save
 from utils.prune import magnitude_masks, make_pruning_permanent, prunable_layers, weight_sparsity
 from utils.config import UserError, parse_flags
 from utils.models import ResNet
-from utils.train import cross_entropy_objective, fit, kd_loss, sgd_one_cycle
+from utils.train import Stage, TrainRecipe, cross_entropy_objective, fit, kd_loss
 
 
 def test_kd_loss_matches_hand_computation():
@@ -48,10 +49,9 @@ def test_per_layer_pruning_is_exact_and_kept_through_finetuning(tmp_path):
     expected = sum(round(0.4 * m.weight.numel()) for m in prunable_layers(model).values()) / n
     assert weight_sparsity(model) == expected
     zeros_before = {k: v == 0 for k, v in clean_state_dict(model).items() if k.endswith("weight") and v.dim() > 1}
-    opt, sched = sgd_one_cycle(model, 0.05, 0.9, 5e-4, 2, 4)
-    meta = {"stage": "pruned", "model": model.spec, "config": {}, "resume_key": {}}
-    fit(model, cross_entropy_objective(0.0), opt, sched, tiny_data(), tiny_data(16, 1), epochs=2, batch_size=16,
-        device="cpu", seed=0, ckpt_path=str(tmp_path / "p.pth"), meta=meta)
+    recipe = TrainRecipe(lr=0.05, epochs=2, batch_size=16, momentum=0.9, weight_decay=5e-4, seed=0)
+    stage = Stage("pruned", "pruned", str(tmp_path / "p.pth"), "cpu")
+    fit(model, cross_entropy_objective(0.0), recipe, tiny_data(), tiny_data(16, 1), stage)
     make_pruning_permanent(model)
     after = clean_state_dict(model)
     assert all(torch.equal(after[k] == 0, z) for k, z in zeros_before.items()), "fine-tuning changed the mask"

@@ -3,29 +3,20 @@ metrics and library versions in one dict, written atomically and read with weigh
 import hashlib
 import os
 import platform
+from dataclasses import dataclass, field
 
 import torch
 import torchvision
 
 from .config import UserError
+from .files import atomic_save
+from .models import build_model
 
 FORMAT = "compress-ckpt-v1"
 # What each stage leaves in OUT_DIR.
 ARTIFACTS = {"baseline": "baseline.pth", "student": "student.pth", "pruned": "pruned.pth", "int8": "int8.onnx",
              "int8_sparse": "int8.sparse", "seed_recipe": "seed_recipe.pth"}
 MADE_BY = {stage: "train_baseline.py" if stage == "baseline" else "compress_model.py" for stage in ARTIFACTS}
-
-
-def atomic_save(obj, path):
-    """torch.save to a temporary file beside `path`, then rename: a crash never leaves half a file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def versions():
@@ -50,8 +41,9 @@ def clean_state_dict(model):
     return out
 
 
-def load_checkpoint(path, stage):
-    """Read a checkpoint written by this pipeline; any problem is a one-line UserError."""
+def load_checkpoint(path, stage, finished=False):
+    """Read a checkpoint written by this pipeline; any problem is a one-line UserError. finished=True: refuse one
+    whose training did not end (it holds optimizer state, and weights of an earlier epoch)."""
     if not os.path.exists(path):
         raise UserError(f"no {stage} checkpoint at {path}: run {MADE_BY[stage]} first")
     try:
@@ -62,6 +54,9 @@ def load_checkpoint(path, stage):
         raise UserError(f"{path} is not a checkpoint of this pipeline (no '{FORMAT}' format tag)")
     if ckpt.get("stage") != stage:
         raise UserError(f"{path} holds a '{ckpt.get('stage')}' checkpoint, expected '{stage}'")
+    if finished and not ckpt.get("finished", True):
+        raise UserError(f"{path} is unfinished (epoch {ckpt.get('epoch')} of {ckpt.get('epochs')}): rerun "
+                        f"{MADE_BY[stage]} with the same constants to finish it")
     return ckpt
 
 
@@ -74,7 +69,6 @@ def check_same_model(ckpt, spec, path):
 
 def load_model(ckpt, path):
     """Rebuild the checkpoint's model from its own description and load its weights."""
-    from .models import build_model
     try:
         model = build_model(ckpt["model"])
         model.load_state_dict(ckpt["state_dict"])
@@ -115,9 +109,42 @@ def weights_fingerprint(state_dict):
     return h.hexdigest()[:16]
 
 
-def atomic_write_text(path, text):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def count_params(model):
+    """(parameters, nonzero parameters) as the model would be saved (pruning masks folded in; buffers such as
+    BatchNorm statistics not counted)."""
+    buffers = {name for name, _ in model.named_buffers()}
+    tensors = [v for k, v in clean_state_dict(model).items() if v.is_floating_point() and k not in buffers]
+    return sum(t.numel() for t in tensors), sum(int(t.count_nonzero()) for t in tensors)
+
+
+def cpu_copy(model):
+    """A plain float CPU copy of `model` in eval mode, rebuilt from its spec, pruning masks folded into the
+    weights: what is exported, measured and saved. `model` itself is left as it is (device, format, mode)."""
+    copy_ = build_model(model.spec)
+    copy_.load_state_dict({k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
+                           for k, v in clean_state_dict(model).items()})
+    return copy_.eval()
+
+
+@dataclass
+class Progress:
+    """Where a stage's training stands: after `epoch` of `epochs`, with its per-epoch history."""
+    epoch: int
+    epochs: int
+    history: list = field(default_factory=list)
+
+    @property
+    def finished(self):
+        return self.epoch == self.epochs
+
+
+def write_checkpoint(path, meta, model, progress, optimizer=None, scheduler=None):
+    """Save a stage's checkpoint atomically. An unfinished one keeps the optimizer and scheduler state to resume
+    from; a finished one keeps none (nothing is left to resume), so its file is the size of the model."""
+    done = progress.finished
+    atomic_save({**meta, "format": FORMAT, "versions": versions(), "state_dict": clean_state_dict(model),
+                 "optimizer": None if done or optimizer is None else optimizer.state_dict(),
+                 "scheduler": None if done or scheduler is None else scheduler.state_dict(),
+                 "epoch": progress.epoch, "epochs": progress.epochs, "finished": done, "history": progress.history,
+                 "metrics": {"val_accuracy": progress.history[-1]["val_accuracy"] if progress.history else None}},
+                path)

@@ -19,6 +19,10 @@ def run_cli(main):
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume from the last finished epoch", file=sys.stderr)
         sys.exit(130)
+    except OSError as e:  # no space, read-only or missing folder, no permission: the path and the reason
+        where = f" {e.filename}" if e.filename else ""
+        print(f"error: cannot use{where}: {e.strerror or e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def script_constants(namespace):
@@ -55,8 +59,8 @@ def parse_flags(defaults, argv):
             raise UserError(f"unexpected argument {arg!r}; flags look like --NAME=VALUE")
         name, sep, text = arg[2:].partition("=")
         if not sep:
-            if not args:
-                raise UserError(f"--{name} needs a value")
+            if not args or args[0].startswith("--"):
+                raise UserError(f"--{name} needs a value (--{name}=VALUE)")
             text = args.pop(0)
         if name not in defaults:
             raise UserError(f"unknown constant --{name}; known: {', '.join(sorted(defaults))}")
@@ -102,4 +106,13 @@ def resolve_config(defaults, argv, profiles=None, pick_device=None, env=("DATA_D
         profile = "gpu" if device == "cuda" else "cpu"
     cfg = {**defaults, **profiles.get(profile, {}), **from_env, **explicit}
     cfg["DEVICE"], cfg["PROFILE"] = device, profile
+    return cfg
+
+
+def configure(title, namespace, argv, check, profiles=None, pick_device=None):
+    """A script's resolved constants (resolve_config on the constants block in `namespace`), checked by
+    check(cfg) and printed: what each script does first."""
+    cfg = resolve_config(script_constants(namespace), argv, profiles or {}, pick_device)
+    check(cfg)
+    print_config(f"{title} ({cfg['PROFILE']} profile)" if "PROFILE" in cfg else title, cfg)
     return cfg

@@ -1,19 +1,35 @@
 """CIFAR-10 (torchvision's pickle layout, downloaded when allowed) or any ImageFolder layout, decoded once
-into uint8 tensors and cached; batches are augmented as tensors on the training device."""
+into uint8 tensors and cached; the one train/validation split; batches augmented as tensors on the device."""
 import hashlib
 import os
 import pickle
+from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from .checkpoint import atomic_save
 from .config import UserError
+from .files import atomic_save
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp")
-CACHE_FORMAT = "uint8-cache-v1"
+CACHE_FORMAT = "uint8-cache-v2"
+CIFAR_FILES = ["batches.meta"] + [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+
+
+class Split(NamedTuple):
+    """Images x (uint8 (N, 3, H, W)), labels y (int64 (N,)) and the class names the labels index."""
+    x: torch.Tensor
+    y: torch.Tensor
+    classes: list
+
+    def to(self, device):
+        return Split(self.x.to(device), self.y.to(device), self.classes)
+
+    def head(self, n):
+        """The first n images (all when n is 0)."""
+        return self if not n else Split(self.x[:n], self.y[:n], self.classes)
 
 
 def detect_layout(data_dir, download):
@@ -43,11 +59,14 @@ def list_imagefolder(root):
 def decode_images(paths, size, desc):
     out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
     for i, p in enumerate(tqdm(paths, desc=desc, unit="img", mininterval=1.0)):
-        with Image.open(p) as im:
-            im = im.convert("RGB")
-            if im.size != (size, size):
-                im = im.resize((size, size), Image.BILINEAR)
-            out[i] = np.asarray(im)
+        try:
+            with Image.open(p) as im:
+                im = im.convert("RGB")
+                if im.size != (size, size):
+                    im = im.resize((size, size), Image.BILINEAR)
+                out[i] = np.asarray(im)
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            raise UserError(f"cannot read image {p} ({type(e).__name__}: {e}); remove or replace it") from None
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
 
@@ -55,10 +74,28 @@ def load_imagefolder(data_dir, size):
     result = {}
     for split in ("train", "test"):
         paths, labels, classes = list_imagefolder(os.path.join(data_dir, split))
-        result[split] = (decode_images(paths, size, f"decode {split}"), torch.tensor(labels), classes)
-    if result["train"][2] != result["test"][2]:
+        result[split] = Split(decode_images(paths, size, f"decode {split}"), torch.tensor(labels), classes)
+    if result["train"].classes != result["test"].classes:
         raise UserError(f"train/ and test/ in {data_dir} have different class folders")
     return result
+
+
+class PlainDataUnpickler(pickle.Unpickler):
+    """Reads only what CIFAR-10's batch files hold (dicts, lists, strings, bytes, numbers, numpy arrays): a file
+    that names any other class or function (the way pickles run code) is refused instead of executed."""
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name} (CIFAR-10 files hold plain data only)")
+        return super().find_class(module, name)
+
+
+def read_pickle(path):
+    with open(path, "rb") as f:
+        return PlainDataUnpickler(f, encoding="latin1").load()
 
 
 def load_cifar10(data_dir, download):
@@ -75,49 +112,63 @@ def load_cifar10(data_dir, download):
         classes = read_pickle(os.path.join(folder, "batches.meta"))["label_names"]
         train = [read_pickle(os.path.join(folder, f"data_batch_{i}")) for i in range(1, 6)]
         test = [read_pickle(os.path.join(folder, "test_batch"))]
-    except (OSError, KeyError, pickle.UnpicklingError, EOFError) as e:
-        raise UserError(f"{folder} is incomplete or corrupt: {type(e).__name__}: {e}") from None
-    return {split: (torch.from_numpy(np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32)),
-                    torch.tensor([label for b in batches for label in b["labels"]]), list(classes))
-            for split, batches in (("train", train), ("test", test))}
+        return {split: Split(torch.from_numpy(np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32)),
+                             torch.tensor([label for b in batches for label in b["labels"]]), list(classes))
+                for split, batches in (("train", train), ("test", test))}
+    except (OSError, KeyError, TypeError, ValueError, pickle.UnpicklingError, EOFError) as e:
+        raise UserError(f"{folder} is incomplete, corrupt or not CIFAR-10: {type(e).__name__}: {e}") from None
 
 
-def read_pickle(path):
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="latin1")
+def files_fingerprint(data_dir, layout):
+    """A hash of every data file's relative path, size and modification time: images added, removed, renamed,
+    moved to another class or rewritten after the cache was made give another cache."""
+    if layout == "imagefolder":
+        paths = [p for split in ("train", "test") for p in list_imagefolder(os.path.join(data_dir, split))[0]]
+    else:
+        folder = os.path.join(data_dir, "cifar-10-batches-py")
+        paths = [os.path.join(folder, f) for f in CIFAR_FILES if os.path.exists(os.path.join(folder, f))]
+    h = hashlib.sha1()
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"{os.path.relpath(p, data_dir)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def cache_path(cache_dir, data_dir, layout, size):
-    key = f"{os.path.abspath(data_dir)}|{layout}|{size}|{CACHE_FORMAT}"
+    fingerprint = files_fingerprint(data_dir, layout) if os.path.isdir(data_dir) else "none"
+    key = f"{os.path.abspath(data_dir)}|{layout}|{size}|{CACHE_FORMAT}|{fingerprint}"
     return os.path.join(cache_dir, f"data_{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt")
 
 
 def load_dataset(data_dir, download, cache_dir, image_size=32):
-    """{'train': (x, y, classes), 'test': ...} with x uint8 (N, 3, H, W); decoded once, then read from cache."""
+    """{'train': Split, 'test': Split} with x uint8 (N, 3, H, W); decoded once, then read from the cache."""
     layout = detect_layout(data_dir, download)
     path = cache_path(cache_dir, data_dir, layout, image_size)
     if os.path.exists(path):
         try:
             cached = torch.load(path, weights_only=True)
             print(f"data: {data_dir} ({layout}) from cache {path}")
-            return {s: (cached[s]["x"], cached[s]["y"], cached["classes"]) for s in ("train", "test")}
+            return {s: Split(cached[s]["x"], cached[s]["y"], cached["classes"]) for s in ("train", "test")}
         except Exception:
             print(f"data: cache {path} is unreadable, decoding again")
     data = load_imagefolder(data_dir, image_size) if layout == "imagefolder" else load_cifar10(data_dir, download)
-    os.makedirs(cache_dir, exist_ok=True)
-    atomic_save({"classes": data["train"][2], "source": os.path.abspath(data_dir), "layout": layout,
-                 **{s: {"x": data[s][0], "y": data[s][1]} for s in ("train", "test")}}, path)
+    atomic_save({"classes": data["train"].classes, "source": os.path.abspath(data_dir), "layout": layout,
+                 **{s: {"x": data[s].x, "y": data[s].y} for s in ("train", "test")}}, path)
     print(f"data: {data_dir} ({layout}) decoded and cached in {path}")
     return data
 
 
-def split_train_val(x, y, val_size, seed):
-    """Hold out `val_size` training images (a fixed random choice) for every decision the pipeline makes."""
-    if not 0 < val_size < len(x):
-        raise UserError(f"VAL_SIZE must be between 1 and {len(x) - 1} for {len(x)} training images, got {val_size}")
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    val, train = perm[:val_size], perm[val_size:]
-    return (x[train], y[train]), (x[val], y[val])
+def train_val_split(train, val_size, seed, subset=0):
+    """(train, val) Splits: `val_size` training images held out (a fixed random choice by `seed`) for every
+    decision the pipeline makes; `subset` > 0 keeps only that many of the rest for training. Every script calls
+    this with the baseline's own values, so all stages hold out the same images."""
+    if not 0 < val_size < len(train.x):
+        raise UserError(f"VAL_SIZE must be between 1 and {len(train.x) - 1} for {len(train.x)} training images, "
+                        f"got {val_size}")
+    perm = torch.randperm(len(train.x), generator=torch.Generator().manual_seed(seed))
+    val, rest = perm[:val_size], perm[val_size:]
+    held_out = Split(train.x[val], train.y[val], train.classes)
+    return Split(train.x[rest], train.y[rest], train.classes).head(subset), held_out
 
 
 def augment(x, generator):

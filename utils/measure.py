@@ -1,21 +1,42 @@
-"""What evaluate_results.py measures: accuracy of an artifact as loaded from disk, bytes on disk, latency."""
+"""Measuring a model or an artifact: accuracy (eager PyTorch or ONNX Runtime), latency, bytes, the machine.
+
+Accuracy passes use every core (or the GPU, for eager float models, in exact float32); only latency timing is
+pinned to a fixed thread count. None of these helpers changes the model it is given: eager models are measured
+in eval mode and their own mode is restored, latency is timed on a copy.
+"""
+import contextlib
+import copy
 import gzip
 import os
 import platform
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 
+from .data import batches
+from .device import autocast, exact_float32, torch_threads
 
-def ort_session(path, threads):
-    """An ONNX Runtime CPU session with a fixed number of threads."""
+
+@dataclass
+class Timing:
+    """How latency is measured: threads (PyTorch and ONNX Runtime), timed runs at batch 1 and batch 64, untimed
+    warm-up runs before batch 1 (a tenth of them, at least one, before batch 64)."""
+    threads: int
+    runs_b1: int
+    runs_b64: int
+    warmup: int
+
+
+def ort_session(model, threads=None):
+    """An ONNX Runtime CPU session on a path or serialized model; threads=None: every core."""
     import onnxruntime as ort
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
+    opts.intra_op_num_threads = threads or os.cpu_count()
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
 
 def ort_predict(session):
@@ -23,13 +44,44 @@ def ort_predict(session):
     return lambda xb: torch.from_numpy(session.run(None, {name: xb.cpu().numpy()})[0])
 
 
-def eager_predict(model):
+@contextlib.contextmanager
+def evaluating(model):
+    """`model` in eval mode for the block; each module's own training flag restored after it."""
+    modes = [m.training for m in model.modules()]
     model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in zip(model.modules(), modes):
+            m.training = mode
+
+
+@torch.no_grad()
+def predict_accuracy(predict, x, y, batch_size, device="cpu"):
+    """Top-1 accuracy (%) of predict(float batch) -> logits over all of (x, y)."""
+    correct = 0
+    for xb, yb in batches(x, y, batch_size, device):
+        logits = torch.as_tensor(predict(xb))
+        correct += (logits.argmax(1).to(yb.device) == yb).sum().item()
+    return 100.0 * correct / len(x)
+
+
+def model_accuracy(model, split, device="cpu", batch_size=500, amp_dtype="float32"):
+    """Top-1 accuracy (%) of an eager model on split (x, y, ...), on `device` (where the model is), in eval mode.
+    amp_dtype 'float32' is exact float32 on every device (decisions); 'bfloat16' shows what training sees."""
+    channels_last = next(model.parameters()).is_contiguous(memory_format=torch.channels_last)
+    precision = exact_float32() if amp_dtype == "float32" else contextlib.nullcontext()
 
     def predict(xb):
-        with torch.inference_mode():
-            return model(xb)
-    return predict
+        with autocast(device, amp_dtype):
+            return model(xb.contiguous(memory_format=torch.channels_last) if channels_last else xb).float()
+    with evaluating(model), precision:
+        return predict_accuracy(predict, split[0], split[1], batch_size, device)
+
+
+def ort_accuracy(model, split, batch_size=500):
+    """Top-1 accuracy (%) of an ONNX model (path or serialized) in ONNX Runtime, on every core."""
+    return predict_accuracy(ort_predict(ort_session(model)), split[0], split[1], batch_size)
 
 
 def median_latency_ms(predict, x, warmup, runs):
@@ -44,11 +96,26 @@ def median_latency_ms(predict, x, warmup, runs):
     return statistics.median(times)
 
 
-def b1_b64_latency(predict, x, runs_b1):
-    """{"b1_ms", "b64_ms"}: median ms at batch 1 (runs_b1 runs) and batch 64 (a tenth of them, at least 3) on
-    float images x (>= 64 of them)."""
-    return {"b1_ms": median_latency_ms(predict, x[:1], warmup=10, runs=runs_b1),
-            "b64_ms": median_latency_ms(predict, x[:64], warmup=2, runs=max(runs_b1 // 10, 3))}
+def latency(predict, x, timing):
+    """{"b1_ms", "b64_ms"}: median ms at batch 1 and at batch 64 of float images x (>= 64 of them)."""
+    return {"b1_ms": median_latency_ms(predict, x[:1], timing.warmup, timing.runs_b1),
+            "b64_ms": median_latency_ms(predict, x[:64], max(timing.warmup // 10, 1), timing.runs_b64)}
+
+
+def ort_latency(model, x, timing):
+    """Latency of an ONNX model in ONNX Runtime with timing.threads threads."""
+    return latency(ort_predict(ort_session(model, timing.threads)), x, timing)
+
+
+def eager_latency(model, x, timing):
+    """Latency of an eager model on the CPU with timing.threads threads (timed on an eval-mode CPU copy)."""
+    model = copy.deepcopy(model).cpu().eval()
+
+    def predict(xb):
+        with torch.inference_mode():
+            return model(xb)
+    with torch_threads(timing.threads):
+        return latency(predict, x, timing)
 
 
 def gzip_size(path):
@@ -64,8 +131,37 @@ def machine_info():
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+    info = {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
             "onnxruntime": onnxruntime.__version__}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def reference_speed(seconds=30.0, batch_size=256, device="cpu"):
+    """Images per second of training steps of torchvision's stock resnet18 on random 32x32 batches (SGD,
+    channels-last, this process's threads): a fixed workload that tells how fast this machine is, so that run
+    times from different machines can be compared."""
+    import torchvision
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).to(device, memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x = torch.rand(batch_size, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch_size,), device=device)
+    images, t0 = 0, None
+    for step in range(10**6):
+        if step == 3:  # after warm-up
+            images, t0 = 0, time.perf_counter()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        images += batch_size
+        if t0 is not None and time.perf_counter() - t0 >= seconds:
+            break
+    return images / (time.perf_counter() - t0)
 
 
 COLUMNS = [  # header, width, row -> text

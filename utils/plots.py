@@ -1,4 +1,9 @@
-"""The two figures: per-layer sensitivity (compress_model.py) and the search's Pareto fronts (evaluate_results.py)."""
+"""The figures: per-layer sensitivity (compress_model.py), the search's Pareto fronts and the training curves
+(evaluate_results.py). Each is written atomically."""
+import json
+import os
+
+from .files import atomic_path
 
 
 def pyplot():
@@ -6,6 +11,13 @@ def pyplot():
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
     return plt
+
+
+def save_figure(fig, path):
+    """Write a figure as PNG atomically, then close it."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    pyplot().close(fig)
 
 
 def plot_sensitivity(sens, path):
@@ -24,10 +36,7 @@ def plot_sensitivity(sens, path):
     axes[2].invert_yaxis()
     axes[2].set(xlabel="validation accuracy drop (points)", title="INT8, one layer at a time")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
+    save_figure(fig, path)
 
 
 def pareto_front(points):
@@ -66,5 +75,48 @@ def plot_pareto(search, path):
         ax.legend(fontsize=7)
     fig.suptitle(f"search candidates, OBJECTIVE={search['objective']}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
+
+
+def read_metrics(path):
+    """{stage label: [epoch records]} from metrics.jsonl; a stage trained again (or resumed) keeps its latest
+    record of each epoch; a line cut off by a crash is skipped."""
+    stages = {}
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            stages.setdefault(record["stage"], {})[record["epoch"]] = record
+    return {stage: [epochs[e] for e in sorted(epochs)] for stage, epochs in stages.items()}
+
+
+def plot_training(metrics_path, path):
+    """One panel per training stage (baseline, student, each fine-tuning): training loss and validation accuracy
+    per epoch, with the learning rate and images per second in the panel's title. Returns False when there is
+    nothing to draw."""
+    if not os.path.exists(metrics_path):
+        return False
+    stages = read_metrics(metrics_path)
+    if not stages:
+        return False
+    plt = pyplot()
+    cols = min(4, len(stages))
+    rows = -(-len(stages) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.4 * rows), squeeze=False)
+    for ax, (stage, records) in zip(axes.flat, stages.items()):
+        epochs = [r["epoch"] for r in records]
+        ax.plot(epochs, [r["loss"] for r in records], marker=".", c="tab:blue", label="training loss")
+        ax.set(xlabel="epoch", ylabel="loss")
+        acc = ax.twinx()
+        acc.plot(epochs, [r["val_accuracy"] for r in records], marker=".", c="tab:red", label="val accuracy")
+        acc.set_ylabel("validation accuracy (%)", color="tab:red")
+        speed = sum(r["images_per_s"] for r in records) / len(records)
+        ax.set_title(f"{stage}: {records[-1]['val_accuracy']:.2f}% val, peak lr {max(r['lr'] for r in records):.3g},"
+                     f" {speed:.0f} img/s", fontsize=9)
+    for ax in list(axes.flat)[len(stages):]:
+        ax.axis("off")
+    fig.tight_layout()
+    save_figure(fig, path)
+    return True

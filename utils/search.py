@@ -1,45 +1,105 @@
-"""The search's bookkeeping: each candidate model turned into its deployable INT8 artifacts and measured
-(validation accuracy, bytes, latency), the INT8 fallback to mixed precision, and the choice under the budget.
+"""The search: candidate models made by structured pruning, then gradual (AGP) unstructured pruning, then a
+recovery fine-tuning of the choice; each candidate turned into its deployable INT8 artifacts and measured
+(validation accuracy, bytes, latency), with the INT8 fallback to mixed precision, and the choice under the budget.
 
 A candidate is judged by the artifact that ships: its INT8 ONNX file (latency, run by ONNX Runtime) and the
 compact archive of that file (size). Accuracy is always the validation split's; the test split is not seen.
+Training is not done here: the caller passes a `finetune` function (compress_model.py fine-tunes with
+distillation), so the search's walks read as what they try.
 """
+import copy
+import hashlib
 import json
 import math
 import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable
 
-from .compress import export_onnx, quantize_int8
-from .measure import b1_b64_latency, ort_predict, ort_session
+import torch
+
+from .checkpoint import clean_state_dict, count_params, cpu_copy, weights_fingerprint
+from .data import Split
+from .measure import Timing, model_accuracy, ort_accuracy, ort_latency
+from .prune import agp_schedule, allocate, blocks, magnitude_masks, prunable_layers, structured_prune, \
+    weight_sparsity, zero_fractions
+from .quantize import Quantization, export_onnx, quantize_int8
 from .sparse import save_sparse_onnx
-from .train import predict_accuracy
 
 OBJECTIVES = ("size", "latency", "balanced")
 
 
-def ort_accuracy(path, val, threads=None):
-    return predict_accuracy(ort_predict(ort_session(path, threads or os.cpu_count())), *val, batch_size=500)
+@dataclass(frozen=True)
+class SearchPlan:
+    """What the search tries (compress_model.py's constants of the same names, lower-cased)."""
+    objective: str          # size | latency | balanced: what is minimised within the budget
+    struct_max: float       # largest fraction of the blocks' inner weights structured pruning removes
+    struct_steps: int       # structured candidates, evenly spaced up to struct_max
+    struct_epochs: int      # fine-tuning epochs after each structured step
+    channel_multiple: int   # inner widths rounded to a multiple of this
+    sparsity: float         # unstructured sparsity at the last AGP step
+    agp_steps: int          # AGP steps on the cubic schedule (none for objective latency)
+    agp_epochs: int         # fine-tuning epochs after each AGP step
+    final_epochs: int       # recovery fine-tuning of the choice
+    max_float_layers: int   # INT8 fallback: most layers kept in float
 
 
-def ort_latency(path, x, threads, runs_b1):
-    return b1_b64_latency(ort_predict(ort_session(path, threads)), x, runs_b1)
+@dataclass
+class SearchContext:
+    """What every candidate is measured with and against."""
+    val: Split              # validation split (CPU): every decision is judged on it
+    floor: float            # least INT8 validation accuracy (%) within the budget
+    quant: Quantization     # INT8 settings and calibration images
+    int8_drops: dict        # {layer: accuracy drop when only it is INT8}: the fallback's order
+    timing: Timing          # how candidates are timed
+    x_latency: torch.Tensor  # float images the latency is measured on (64)
+    work_dir: str           # candidates' checkpoints, ONNX files and archives
+    reference: dict = None  # the baseline: checkpoint bytes and float ONNX latency (reference_point)
+    latency_cache: dict = field(default_factory=dict)  # {shape: (measured on, latency)}
 
 
-def reference(teacher, baseline_path, val_acc, work_dir, x, threads, runs_b1):
+@dataclass
+class Candidate:
+    """One model the search tried: its log entry (search.json) and the deployable float model (CPU, eval)."""
+    entry: dict
+    model: torch.nn.Module
+
+    @property
+    def name(self):
+        return self.entry["name"]
+
+
+@dataclass
+class SearchResult:
+    candidates: list        # [Candidate] in the order tried
+    chosen: Candidate
+    budget_met: bool        # False: nothing kept the floor, and `chosen` is the most accurate
+    seconds: float
+
+    def log(self):
+        return [c.entry for c in self.candidates]
+
+
+# finetune(label, checkpoint path, model, epochs, made_from) -> the fine-tuned model
+Finetune = Callable[[str, str, torch.nn.Module, int, dict], torch.nn.Module]
+
+
+def reference_point(teacher, baseline_path, val_acc, ctx):
     """What every candidate is compared with: the baseline checkpoint's bytes, its float ONNX export's latency."""
-    onnx_path = export_onnx(teacher, os.path.join(work_dir, "baseline_fp32.onnx"))
+    onnx_path = export_onnx(teacher, os.path.join(ctx.work_dir, "baseline_fp32.onnx"))
     return {"name": "baseline", "val_acc": val_acc, "bytes": os.path.getsize(baseline_path),
-            **ort_latency(onnx_path, x, threads, runs_b1)}
+            **ort_latency(onnx_path, ctx.x_latency, ctx.timing)}
 
 
-def quantize_within_budget(float_onnx, int8_path, ctx):
+def quantize_within_budget(float_onnx, int8_path, ctx, max_float_layers):
     """Post-training INT8; when it alone falls under the budget floor, keep the layers most sensitive to INT8
-    in float, 1, 2, 4, ... of them up to ctx["max_float"]. Returns (val accuracy, layers kept in float)."""
-    order = sorted(ctx["int8_drops"], key=lambda n: -ctx["int8_drops"][n])
+    in float, 1, 2, 4, ... of them up to max_float_layers. Returns (val accuracy, layers kept in float)."""
+    order = sorted(ctx.int8_drops, key=lambda n: -ctx.int8_drops[n])
     keep, count = [], 1
     while True:
-        quantize_int8(float_onnx, int8_path, ctx["calib"], ctx["per_channel"], ctx["calib_method"], keep_float=keep)
-        acc = ort_accuracy(int8_path, ctx["val"])
-        if acc >= ctx["floor"] or count > ctx["max_float"]:
+        quantize_int8(float_onnx, int8_path, ctx.quant, keep_float=keep)
+        acc = ort_accuracy(int8_path, ctx.val)
+        if acc >= ctx.floor or count > max_float_layers:
             return acc, keep
         keep, count = order[:count], count * 2
 
@@ -47,30 +107,31 @@ def quantize_within_budget(float_onnx, int8_path, ctx):
 def shared_latency(name, int8_path, shape, ctx):
     """Latency of a candidate's INT8 graph. ONNX Runtime's dense kernels take the same time whatever the weight
     values, so candidates with the same shape (inner widths, layers kept in float) share one measurement, made
-    on the first of them: timing noise then cannot decide between candidates that differ only in zeros.
-    ctx["latency_cache"] holds {shape: (measured on, latency)}."""
+    on the first of them: timing noise then cannot decide between candidates that differ only in zeros."""
     key = json.dumps(shape)
-    if key not in ctx["latency_cache"]:
-        ctx["latency_cache"][key] = (name, ort_latency(int8_path, ctx["x_latency"], ctx["threads"], ctx["runs_b1"]))
-    source, latency = ctx["latency_cache"][key]
-    return {**latency, "latency_measured_on": source}
+    if key not in ctx.latency_cache:
+        ctx.latency_cache[key] = (name, ort_latency(int8_path, ctx.x_latency, ctx.timing))
+    source, measured = ctx.latency_cache[key]
+    return {**measured, "latency_measured_on": source}
 
 
-def measure_candidate(name, model, float_val, ctx, **info):
-    """Export, quantize (with the fallback), archive and time one candidate; returns its log entry."""
-    float_onnx = export_onnx(model, os.path.join(ctx["work_dir"], f"{name}_fp32.onnx"))
-    int8_path = os.path.join(ctx["work_dir"], f"{name}.int8.onnx")
-    if float_val >= ctx["floor"]:
-        val_acc, keep = quantize_within_budget(float_onnx, int8_path, ctx)
+def measure_candidate(name, model, ctx, max_float_layers, **info):
+    """Float accuracy, then export, quantize (with the fallback), archive and time one deployable model; returns
+    its log entry."""
+    float_val = model_accuracy(model, ctx.val)
+    float_onnx = export_onnx(model, os.path.join(ctx.work_dir, f"{name}_fp32.onnx"))
+    int8_path = os.path.join(ctx.work_dir, f"{name}.int8.onnx")
+    if float_val >= ctx.floor:
+        val_acc, keep = quantize_within_budget(float_onnx, int8_path, ctx, max_float_layers)
     else:  # already outside the budget in float: no fallback can help, measure plain INT8 for the log
-        quantize_int8(float_onnx, int8_path, ctx["calib"], ctx["per_channel"], ctx["calib_method"])
-        val_acc, keep = ort_accuracy(int8_path, ctx["val"]), []
+        quantize_int8(float_onnx, int8_path, ctx.quant)
+        val_acc, keep = ort_accuracy(int8_path, ctx.val), []
     archive = int8_path.replace(".onnx", ".sparse")
     entry = {"name": name, "float_val_acc": float_val, "val_acc": val_acc, "float_layers": keep,
-             "within_budget": val_acc >= ctx["floor"], "onnx_bytes": os.path.getsize(int8_path),
+             "within_budget": val_acc >= ctx.floor, "onnx_bytes": os.path.getsize(int8_path),
              "bytes": save_sparse_onnx(int8_path, archive), "int8_onnx": int8_path, "archive": archive,
              **shared_latency(name, int8_path, [model.spec, keep], ctx), **info}
-    ref = ctx["reference"]
+    ref = ctx.reference
     entry.update(size_ratio=ref["bytes"] / entry["bytes"], speedup_b1=ref["b1_ms"] / entry["b1_ms"],
                  speedup_b64=ref["b64_ms"] / entry["b64_ms"])
     print(f"candidate {name:<10} val {float_val:6.2f}% float -> {val_acc:6.2f}% int8"
@@ -94,9 +155,107 @@ def score(entry, objective):
 
 
 def choose(candidates, objective):
-    """The best candidate by `objective` among those within the budget: (entry, True). With none within the
+    """The best log entry by `objective` among those within the budget: (entry, True). With none within the
     budget, the most accurate: (entry, False)."""
     within = [c for c in candidates if c["within_budget"]]
     if not within:
         return max(candidates, key=lambda c: c["val_acc"]), False
     return min(within, key=lambda c: score(c, objective)), True
+
+
+def candidate_path(work, name, made_from):
+    """A candidate's checkpoint, named by what it was made from: a rerun with other constants starts afresh
+    instead of clashing with an older candidate of the same name."""
+    digest = hashlib.sha1(json.dumps(made_from, sort_keys=True).encode()).hexdigest()[:8]
+    return os.path.join(work, f"{name}_{digest}.pth")
+
+
+class Search:
+    """The candidates tried so far, and the two ways to add one: as it is, or fine-tuned from a parent."""
+
+    def __init__(self, ctx, plan, finetune):
+        self.ctx, self.plan, self.finetune = ctx, plan, finetune
+        self.candidates = []
+
+    def add(self, name, model, **info):
+        """Measure `model` (any device; measured on a CPU copy) as a candidate and log it."""
+        final = cpu_copy(model)
+        entry = measure_candidate(name, final, self.ctx, self.plan.max_float_layers, params=count_params(final)[0],
+                                  sparsity=weight_sparsity(final), mids=final.spec["kwargs"].get("mids"), **info)
+        self.candidates.append(Candidate(entry, final))
+        return self.candidates[-1]
+
+    def step(self, name, model, parent, epochs, made_from, **info):
+        """Fine-tune `model`, pruned from the candidate `parent`, then measure it as a candidate."""
+        made_from = {"source": weights_fingerprint(clean_state_dict(parent.model)), **made_from}
+        path = candidate_path(self.ctx.work_dir, name, made_from)
+        return self.add(name, self.finetune(name, path, model, epochs, made_from), **info)
+
+
+def structured_counts(student, curves, level, multiple):
+    """Inner widths per block when the `level` fraction of all inner weights goes, spread by sensitivity,
+    rounded to a multiple of `multiple` (never below it, never above the block's width)."""
+    sizes = {name: b.conv1.weight.numel() + b.conv2.weight.numel() for name, b in blocks(student).items()}
+    ratios = allocate(curves, sizes, level)
+    counts = {}
+    for name, b in blocks(student).items():
+        width = b.conv1.out_channels
+        counts[name] = min(width, max(multiple, multiple * round(width * (1 - ratios[name]) / multiple)))
+    return counts
+
+
+def structured_walk(search, start, curves):
+    """Remove inner channels of the blocks step by step, each step from the last candidate kept, until one falls
+    under the floor. Returns the last candidate within the budget (or `start`)."""
+    plan, current = search.plan, start
+    for step in range(1, plan.struct_steps + 1):
+        level = plan.struct_max * step / plan.struct_steps
+        counts = structured_counts(start.model, curves, level, plan.channel_multiple)
+        cand = search.step(f"struct{step}", structured_prune(current.model, counts), current, plan.struct_epochs,
+                           {"mids": counts}, kind="structured", level=level)
+        if not cand.entry["within_budget"]:
+            break
+        current = cand
+    return current
+
+
+def agp_walk(search, start, curves):
+    """Gradual unstructured pruning on the cubic schedule, per-layer ratios from the sensitivities, each step from
+    the last one kept, until one falls under the floor."""
+    plan, current = search.plan, start
+    for step, target in enumerate(agp_schedule(plan.sparsity, plan.agp_steps), 1):
+        model = copy.deepcopy(current.model)  # earlier zeros are folded in; the new masks keep them (ratios grow)
+        sizes = {n: m.weight.numel() for n, m in prunable_layers(model).items()}
+        ratios = allocate(curves, sizes, target)
+        magnitude_masks(model, ratios)
+        cand = search.step(f"sparse{step}", model, current, plan.agp_epochs, {"ratios": ratios},
+                           kind="unstructured", target=target)
+        if not cand.entry["within_budget"]:
+            break
+        current = cand
+
+
+def recovery(search, chosen):
+    """The chosen pruned model fine-tuned final_epochs more with its zeros kept; it replaces the choice if it stays
+    within the budget and is at least as accurate on validation."""
+    model = copy.deepcopy(chosen.model)
+    magnitude_masks(model, zero_fractions(model))  # masks exactly where the zeros are
+    cand = search.step(f"{chosen.name}_ft", model, chosen, search.plan.final_epochs, {}, kind="recovery")
+    better = cand.entry["within_budget"] and cand.entry["val_acc"] >= chosen.entry["val_acc"]
+    return cand if better else chosen
+
+
+def run_search(ctx, plan, student, sens, finetune):
+    """Structured walk from the student, AGP walk from the last structured model kept (not for OBJECTIVE=latency:
+    zeros buy no time), the choice by plan.objective within the floor, then its recovery fine-tuning."""
+    t0 = time.time()
+    search = Search(ctx, plan, finetune)
+    start = search.add("student", student, kind="student")
+    kept = structured_walk(search, start, sens["structured"])
+    if plan.objective != "latency":
+        agp_walk(search, kept, sens["unstructured"])
+    entry, met = choose([c.entry for c in search.candidates], plan.objective)
+    chosen = next(c for c in search.candidates if c.entry is entry)
+    if chosen.name != "student" and met and plan.final_epochs:
+        chosen = recovery(search, chosen)
+    return SearchResult(search.candidates, chosen, met, time.time() - t0)

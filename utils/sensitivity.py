@@ -5,12 +5,11 @@ float. Saved as sensitivity.json, a Markdown table and a PNG plot (utils.plots).
 import copy
 import os
 
-import torch
-
-from .compress import layer_nodes, quantize_int8
+from .checkpoint import cpu_copy
+from .files import scratch_path
+from .measure import model_accuracy, ort_accuracy
 from .prune import blocks, magnitude_masks, prunable_layers, structured_prune
-from .search import ort_accuracy
-from .train import model_accuracy
+from .quantize import layer_nodes, quantize_int8
 
 CHANNEL_FRACTIONS = (0.25, 0.5, 0.75, 0.9)        # inner channels of one block removed
 WEIGHT_FRACTIONS = (0.5, 0.7, 0.8, 0.9, 0.95)     # weights of one layer zeroed by magnitude
@@ -18,37 +17,36 @@ WEIGHT_FRACTIONS = (0.5, 0.7, 0.8, 0.9, 0.95)     # weights of one layer zeroed 
 
 def structured_sensitivity(model, val, fractions=CHANNEL_FRACTIONS):
     """{block: [(fraction of inner channels removed, val accuracy drop in points)]}."""
-    base = model_accuracy(model, *val, batch_size=500, device="cpu")
+    base = model_accuracy(model, val)
     curves = {}
     for name, block in blocks(model).items():
         width = block.conv1.out_channels
-        curves[name] = [(f, base - model_accuracy(structured_prune(model, {name: round(width * (1 - f))}), *val,
-                                                  batch_size=500, device="cpu")) for f in fractions]
+        curves[name] = [(f, base - model_accuracy(structured_prune(model, {name: round(width * (1 - f))}), val))
+                        for f in fractions]
     return curves
 
 
 def unstructured_sensitivity(model, val, fractions=WEIGHT_FRACTIONS):
     """{layer: [(fraction of its weights zeroed, val accuracy drop in points)]}."""
-    base = model_accuracy(model, *val, batch_size=500, device="cpu")
+    base = model_accuracy(model, val)
     curves = {}
     for name in prunable_layers(model):
         curves[name] = []
         for f in fractions:
             pruned = copy.deepcopy(model)
             magnitude_masks(pruned, {name: f})
-            curves[name].append((f, base - model_accuracy(pruned, *val, batch_size=500, device="cpu")))
+            curves[name].append((f, base - model_accuracy(pruned, val)))
     return curves
 
 
-def int8_sensitivity(float_onnx, calib, val, work_dir, per_channel, method):
+def int8_sensitivity(float_onnx, quant, val):
     """{layer: val accuracy drop in points when only that layer is quantized to INT8 (ONNX Runtime)}."""
-    base = ort_accuracy(float_onnx, val, threads=1)
+    base = ort_accuracy(float_onnx, val)
     drops = {}
-    tmp = os.path.join(work_dir, "sensitivity_int8.onnx")
-    for name in layer_nodes(float_onnx):
-        quantize_int8(float_onnx, tmp, calib, per_channel, method, only=[name])
-        drops[name] = base - ort_accuracy(tmp, val, threads=1)
-    os.remove(tmp)
+    with scratch_path(os.path.join(os.path.dirname(float_onnx), "sensitivity_int8.onnx")) as tmp:
+        for name in layer_nodes(float_onnx):
+            quantize_int8(float_onnx, tmp, quant, only=[name])
+            drops[name] = base - ort_accuracy(tmp, val)
     return drops
 
 
@@ -67,8 +65,8 @@ def sensitivity_table(sens):
     return "\n".join(lines) + "\n"
 
 
-def sensitivity_analysis(model, float_onnx, calib, val, work_dir, per_channel, method):
-    """All three analyses on `val` (CPU, float model in eval mode)."""
-    model = model.to("cpu", memory_format=torch.contiguous_format).eval()
+def sensitivity_analysis(model, float_onnx, quant, val):
+    """All three analyses on `val` (on a CPU copy of the float model, in eval mode; float_onnx is its export)."""
+    model = cpu_copy(model)
     return {"structured": structured_sensitivity(model, val), "unstructured": unstructured_sensitivity(model, val),
-            "int8": int8_sensitivity(float_onnx, calib, val, work_dir, per_channel, method)}
+            "int8": int8_sensitivity(float_onnx, quant, val)}

@@ -1,33 +1,48 @@
-"""The one training loop (baseline training, distillation and fine-tuning all use it), its objectives,
-evaluation, and the device profile."""
-import contextlib
+"""The one training loop: baseline training, distillation and every fine-tuning run through `fit`, with a
+`TrainRecipe` (how to train) and a `Stage` (what is trained, where its checkpoint and curves go)."""
+import dataclasses
+import json
 import os
 import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoint import (FORMAT, atomic_save, check_same_model, clean_state_dict, load_checkpoint,
-                         load_clean_state_dict, versions)
+from .checkpoint import Progress, check_same_model, load_checkpoint, load_clean_state_dict, write_checkpoint
 from .config import UserError
 from .data import batches, num_batches
+from .device import autocast
+from .measure import model_accuracy
+
+METRICS_FILE = "metrics.jsonl"
 
 
-def pick_device(name):
-    """'auto' -> cuda when present, else cpu."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("DEVICE=cuda but no CUDA device is available")
-    return name
+@dataclass(frozen=True)
+class TrainRecipe:
+    """How a stage trains: SGD with Nesterov momentum and a one-cycle learning rate stepped per batch."""
+    lr: float                    # peak learning rate
+    epochs: int
+    batch_size: int
+    momentum: float
+    weight_decay: float
+    seed: int                    # batch order and augmentation
+    channels_last: bool = False  # feed batches channels-last (the model should be too)
+    amp_dtype: str = "float32"   # autocast dtype of the forward pass: float32 | bfloat16 | float16
 
 
-def autocast(device):
-    """bf16 autocast on CUDA; plain float32 on CPU."""
-    if device == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+@dataclass
+class Stage:
+    """What a training run is: its checkpoint `kind` (baseline, student, pruned) and `label` (student, struct1,
+    ...), its checkpoint path, the device, what it was made from (a checkpoint made from anything else is not
+    resumed), and what else its checkpoint records (config, classes, teacher)."""
+    kind: str
+    label: str
+    path: str
+    device: str
+    made_from: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
 
 
 def cross_entropy_objective(label_smoothing):
@@ -45,8 +60,7 @@ def kd_loss(student_logits, teacher_logits, targets, temperature, alpha):
 
 
 def distillation_objective(teacher, temperature, alpha):
-    teacher.eval()
-
+    """KD loss against `teacher`, which must be in eval mode on the training device (it is not changed here)."""
     def objective(model, x, y):
         with torch.no_grad():
             teacher_logits = teacher(x)
@@ -54,36 +68,17 @@ def distillation_objective(teacher, temperature, alpha):
     return objective
 
 
-def sgd_one_cycle(model, lr, momentum, weight_decay, epochs, steps_per_epoch):
+def sgd_one_cycle(model, recipe, steps_per_epoch):
     """SGD with Nesterov momentum; one-cycle learning rate stepped per batch."""
-    if max(epochs, 1) * steps_per_epoch < 5:
-        raise UserError(f"{max(epochs, 1)} epoch(s) of {steps_per_epoch} step(s) are too few for a one-cycle "
+    epochs = max(recipe.epochs, 1)  # a zero-epoch stage never steps the schedule, but OneCycleLR needs a length
+    if epochs * steps_per_epoch < 5:
+        raise UserError(f"{epochs} epoch(s) of {steps_per_epoch} step(s) are too few for a one-cycle "
                         f"schedule (5 steps at least): use more epochs or a smaller BATCH_SIZE")
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay)
-    # max(epochs, 1): a zero-epoch stage never steps the schedule, but OneCycleLR needs a length
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, epochs=max(epochs, 1), steps_per_epoch=steps_per_epoch,
+    opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum, nesterov=True,
+                          weight_decay=recipe.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, epochs=epochs, steps_per_epoch=steps_per_epoch,
                                                 pct_start=0.25, div_factor=10.0, final_div_factor=100.0)
     return opt, sched
-
-
-@torch.no_grad()
-def predict_accuracy(predict, x, y, batch_size, device="cpu"):
-    """Top-1 accuracy (%) of predict(float batch) -> logits over all of (x, y)."""
-    correct = 0
-    for xb, yb in batches(x, y, batch_size, device):
-        logits = torch.as_tensor(predict(xb))
-        correct += (logits.argmax(1).to(yb.device) == yb).sum().item()
-    return 100.0 * correct / len(x)
-
-
-def model_accuracy(model, x, y, batch_size, device):
-    model.eval()
-    channels_last = device == "cuda"
-
-    def predict(xb):
-        with autocast(device):
-            return model(xb.contiguous(memory_format=torch.channels_last) if channels_last else xb).float()
-    return predict_accuracy(predict, x, y, batch_size, device)
 
 
 def train_one_epoch(model, objective, optimizer, scheduler, loader, total, desc):
@@ -102,64 +97,64 @@ def train_one_epoch(model, objective, optimizer, scheduler, loader, total, desc)
     return running / max(seen, 1)
 
 
-def resume_state(model, optimizer, scheduler, ckpt_path, meta):
-    """Load an earlier run of the same stage from ckpt_path: (next epoch, history, finished)."""
-    if not os.path.exists(ckpt_path):
-        return 0, [], False
-    ckpt = load_checkpoint(ckpt_path, meta["stage"])
-    check_same_model(ckpt, meta["model"], ckpt_path)
+def resume(model, optimizer, scheduler, stage, meta, epochs):
+    """Load an earlier run of the same stage from its checkpoint: its Progress (epoch 0 when there is none)."""
+    if not os.path.exists(stage.path):
+        return Progress(0, epochs)
+    ckpt = load_checkpoint(stage.path, stage.kind)
+    check_same_model(ckpt, meta["model"], stage.path)
     if ckpt.get("resume_key") != meta["resume_key"]:
         changed = sorted(k for k in meta["resume_key"] if ckpt.get("resume_key", {}).get(k) != meta["resume_key"][k])
-        raise UserError(f"{ckpt_path} was made with other values of {', '.join(changed)}; "
+        raise UserError(f"{stage.path} was made with other values of {', '.join(changed) or 'its settings'}; "
                         f"delete it to start over, or rerun with the values it was made with")
     load_clean_state_dict(model, ckpt["state_dict"])
-    if ckpt["finished"]:
-        print(f"{meta['stage']}: already trained in {ckpt_path} (delete it to train again)")
-        return ckpt["epoch"], ckpt["history"], True
+    progress = Progress(ckpt["epoch"], ckpt["epochs"], ckpt["history"])
+    if progress.finished:
+        print(f"{stage.label}: already trained in {stage.path} (delete it to train again)")
+        return progress
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
-    print(f"{meta['stage']}: resuming {ckpt_path} after epoch {ckpt['epoch']}/{ckpt['epochs']}")
-    return ckpt["epoch"], ckpt["history"], False
+    print(f"{stage.label}: resuming {stage.path} after epoch {ckpt['epoch']}/{ckpt['epochs']}")
+    return progress
 
 
-def fit(model, objective, optimizer, scheduler, train, val, *, epochs, batch_size, device, seed, ckpt_path, meta,
-        channels_last=False):
-    """Train `epochs` epochs on `train`, validate on `val` after each, and checkpoint each finished epoch.
+def log_metrics(stage, record):
+    """Append one epoch's figures to metrics.jsonl beside the checkpoint (one JSON object per line, flushed: a
+    running job can be plotted while it trains)."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(stage.path)), METRICS_FILE), "a") as f:
+        f.write(json.dumps({"stage": stage.label, **record}) + "\n")
 
-    meta: what describes the run (stage, model spec, config, resume_key); stored in every checkpoint.
-    channels_last: feed batches in channels-last memory format (match the model's).
-    An unfinished checkpoint at ckpt_path made with the same meta is resumed; a finished one is loaded.
-    Returns the per-epoch history.
-    """
-    start, history, finished = resume_state(model, optimizer, scheduler, ckpt_path, meta)
-    if finished:
-        return history
-    steps = num_batches(len(train[0]), batch_size, train=True)
-    for epoch in range(start, epochs):
+
+def fit(model, objective, recipe, train, val, stage):
+    """Train `model` (on stage.device) for recipe.epochs on the `train` split, validating on `val` after each
+    epoch; checkpoint each finished epoch at stage.path and append its figures to metrics.jsonl. An unfinished
+    checkpoint made from the same recipe and inputs is resumed; a finished one is loaded. Returns the Progress."""
+    steps = num_batches(len(train[0]), recipe.batch_size, train=True)
+    optimizer, scheduler = sgd_one_cycle(model, recipe, steps)
+    meta = {**stage.meta, "stage": stage.kind, "label": stage.label, "model": model.spec,
+            "resume_key": {**dataclasses.asdict(recipe), **stage.made_from}}
+    progress = resume(model, optimizer, scheduler, stage, meta, recipe.epochs)
+    if progress.finished and progress.history:
+        return progress
+    for epoch in range(progress.epoch, recipe.epochs):
         t0 = time.time()
-        gen = torch.Generator().manual_seed(seed * 1000 + epoch)
-        loader = batches(*train, batch_size, device, shuffle=True, train=True, generator=gen,
-                         channels_last=channels_last)
-        desc = f"{meta['stage']} {epoch + 1}/{epochs}"
-        with autocast(device):
-            loss = train_one_epoch(model, objective, optimizer, scheduler, loader, steps, desc)
-        val_acc = model_accuracy(model, *val, batch_size=max(batch_size, 256), device=device)
-        history.append({"epoch": epoch + 1, "loss": loss, "val_accuracy": val_acc, "seconds": time.time() - t0})
-        print(f"{meta['stage']:<8} epoch {epoch + 1:>3}/{epochs}  loss {loss:.4f}  val_acc {val_acc:6.2f}%  "
-              f"{time.time() - t0:6.1f}s", flush=True)
-        write_checkpoint(ckpt_path, meta, model, optimizer, scheduler, epoch + 1, epochs, history)
-    if epochs == 0:  # nothing to train: the stage's checkpoint is the model as it came in
-        history.append({"epoch": 0, "val_accuracy": model_accuracy(model, *val, batch_size=256, device=device)})
-        write_checkpoint(ckpt_path, meta, model, optimizer, scheduler, 0, 0, history)
-    return history
-
-
-def write_checkpoint(path, meta, model, optimizer, scheduler, epoch, epochs, history):
-    """Save a stage's checkpoint atomically; a finished one keeps no optimizer state (nothing is left to
-    resume), so its file is the size of the model it describes."""
-    done = epoch == epochs
-    atomic_save({**meta, "format": FORMAT, "versions": versions(), "state_dict": clean_state_dict(model),
-                 "optimizer": None if done else optimizer.state_dict(),
-                 "scheduler": None if done else scheduler.state_dict(),
-                 "epoch": epoch, "epochs": epochs, "finished": done, "history": history,
-                 "metrics": {"val_accuracy": history[-1]["val_accuracy"]}}, path)
+        gen = torch.Generator().manual_seed(recipe.seed * 1000 + epoch)
+        loader = batches(train[0], train[1], recipe.batch_size, stage.device, shuffle=True, train=True,
+                         generator=gen, channels_last=recipe.channels_last)
+        lr = scheduler.get_last_lr()[0]
+        with autocast(stage.device, recipe.amp_dtype):
+            loss = train_one_epoch(model, objective, optimizer, scheduler, loader, steps,
+                                   f"{stage.label} {epoch + 1}/{recipe.epochs}")
+        train_s = time.time() - t0
+        val_acc = model_accuracy(model, val, stage.device, max(recipe.batch_size, 256), recipe.amp_dtype)
+        record = {"epoch": epoch + 1, "loss": loss, "val_accuracy": val_acc, "seconds": time.time() - t0}
+        progress = Progress(epoch + 1, recipe.epochs, progress.history + [record])
+        write_checkpoint(stage.path, meta, model, progress, optimizer, scheduler)
+        log_metrics(stage, {**record, "epochs": recipe.epochs, "lr": lr,
+                            "images_per_s": steps * recipe.batch_size / train_s})
+        print(f"{stage.label:<10} epoch {epoch + 1:>3}/{recipe.epochs}  loss {loss:.4f}  val_acc {val_acc:6.2f}%  "
+              f"{steps * recipe.batch_size / train_s:6.0f} img/s  {time.time() - t0:6.1f}s", flush=True)
+    if recipe.epochs == 0:  # nothing to train: the stage's checkpoint is the model as it came in
+        progress = Progress(0, 0, [{"epoch": 0, "val_accuracy": model_accuracy(model, val, stage.device)}])
+        write_checkpoint(stage.path, meta, model, progress)
+    return progress
