@@ -39,7 +39,7 @@ from utils.quantize import Quantization, export_onnx, onnx_param_counts, save_on
 from utils.search import OBJECTIVES, SearchContext, SearchPlan, reference_point, run_search
 from utils.sensitivity import sensitivity_analysis, sensitivity_table
 from utils.sparse import save_sparse_onnx
-from utils.train import Stage, TrainRecipe, distillation_objective, fit
+from utils.train import METRICS_FILE as _METRICS_FILE, Stage, TrainRecipe, distillation_objective, fit
 
 # -----------------------------------------------------------------------------------------------
 DATA_DIR = "data"            # the data the baseline was trained on (CIFAR-10 or ImageFolder root); env DATA_DIR too
@@ -143,7 +143,8 @@ class Distiller:
 
     def finetune(self, label, path, model, epochs, made_from):
         """The search's fine-tuning step (utils.search.Finetune)."""
-        stage = Stage("pruned", label, path, self.cfg["DEVICE"], made_from, self.meta)
+        stage = Stage("pruned", label, path, self.cfg["DEVICE"], made_from, self.meta,
+                      metrics=os.path.join(self.cfg["OUT_DIR"], _METRICS_FILE))
         return self.fit(stage, model, self.recipe(self.cfg["FINETUNE_LR"], epochs))
 
 

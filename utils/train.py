@@ -36,13 +36,15 @@ class TrainRecipe:
 class Stage:
     """What a training run is: its checkpoint `kind` (baseline, student, pruned) and `label` (student, struct1,
     ...), its checkpoint path, the device, what it was made from (a checkpoint made from anything else is not
-    resumed), and what else its checkpoint records (config, classes, teacher)."""
+    resumed), what else its checkpoint records (config, classes, teacher), and the metrics.jsonl its epochs are
+    appended to (None: beside the checkpoint)."""
     kind: str
     label: str
     path: str
     device: str
     made_from: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
+    metrics: str = None
 
 
 def cross_entropy_objective(label_smoothing):
@@ -119,9 +121,10 @@ def resume(model, optimizer, scheduler, stage, meta, epochs):
 
 
 def log_metrics(stage, record):
-    """Append one epoch's figures to metrics.jsonl beside the checkpoint (one JSON object per line, flushed: a
-    running job can be plotted while it trains)."""
-    with open(os.path.join(os.path.dirname(os.path.abspath(stage.path)), METRICS_FILE), "a") as f:
+    """Append one epoch's figures to the stage's metrics.jsonl (one JSON object per line, written whole at the end
+    of each epoch: a running job can be plotted while it trains)."""
+    path = stage.metrics or os.path.join(os.path.dirname(os.path.abspath(stage.path)), METRICS_FILE)
+    with open(path, "a") as f:
         f.write(json.dumps({"stage": stage.label, **record}) + "\n")
 
 
