@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -37,7 +37,7 @@ from utils.models import STEMS, ResNet
 from utils.plots import plot_sensitivity
 from utils.quantize import Quantization, export_onnx, onnx_param_counts, save_onnx_metadata, seed_recipe
 from utils.search import OBJECTIVES, SearchContext, SearchPlan, reference_point, run_search
-from utils.sensitivity import sensitivity_analysis, sensitivity_table
+from utils.sensitivity import Sensitivity, sensitivity_analysis, sensitivity_table
 from utils.sparse import save_sparse_onnx
 from utils.train import METRICS_FILE as _METRICS_FILE, Stage, TrainRecipe, distillation_objective, fit
 
@@ -105,7 +105,6 @@ def check_config(cfg):
     check_range(cfg, "WEIGHT_DECAY", 0, 1)
 
 
-
 class Teacher:
     """The baseline as the teacher: its checkpoint, its model (eval mode, on the device) and where it lies."""
 
@@ -137,8 +136,8 @@ class Distiller:
         model = model.to(self.cfg["DEVICE"])
         if self.cfg["CHANNELS_LAST"]:
             model = model.to(memory_format=torch.channels_last)
-        stage.made_from.update(KD_TEMPERATURE=self.cfg["KD_TEMPERATURE"], KD_ALPHA=self.cfg["KD_ALPHA"])
-        fit(model, self.objective, recipe, self.train, self.val, stage)
+        kd = {"KD_TEMPERATURE": self.cfg["KD_TEMPERATURE"], "KD_ALPHA": self.cfg["KD_ALPHA"]}
+        fit(model, self.objective, recipe, self.train, self.val, replace(stage, made_from={**stage.made_from, **kd}))
         return model
 
     def finetune(self, label, path, model, epochs, made_from):
@@ -199,7 +198,7 @@ def sensitivities(student, val, quant, cfg):
                 earlier = json.load(f)
             if earlier.get("key") == key:
                 print(f"sensitivity: reusing {path}")
-                return earlier
+                return Sensitivity.from_json(earlier)
         except (ValueError, OSError):
             print(f"sensitivity: {path} is unreadable, measuring again")
     t0 = time.time()
@@ -209,12 +208,12 @@ def sensitivities(student, val, quant, cfg):
     plot_sensitivity(sens, os.path.join(out, "sensitivity.png"))
     atomic_write_text(path, json.dumps(sens, indent=1) + "\n")
     print(f"sensitivity: {out}/sensitivity.md, sensitivity.png ({time.time() - t0:.0f}s)", flush=True)
-    return json.loads(json.dumps(sens))  # as a rerun reads it back: the same result either way
+    return Sensitivity.from_json(json.loads(json.dumps(sens)))  # as a rerun reads it back: the same either way
 
 
 def search_context(val, floor, quant, sens, teacher, base_val, cfg):
     timing = Timing(cfg["LATENCY_THREADS"], cfg["LATENCY_RUNS"], max(cfg["LATENCY_RUNS"] // 10, 3), warmup=10)
-    ctx = SearchContext(val=val, floor=floor, quant=quant, int8_drops=sens["int8"], timing=timing,
+    ctx = SearchContext(val=val, floor=floor, quant=quant, int8_drops=sens.int8, timing=timing,
                         x_latency=val.x[:64].float() / 255, work_dir=os.path.join(cfg["OUT_DIR"], "search"))
     ctx.reference = reference_point(teacher.model, teacher.path, base_val, ctx)
     return ctx

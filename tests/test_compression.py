@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from test_units import tiny_data, tiny_model
-from utils.checkpoint import clean_state_dict, load_checkpoint, load_model
-from utils.files import atomic_save
+from utils.checkpoint import Progress, load_checkpoint, load_model, write_checkpoint
 from utils.quantize import Quantization, export_onnx, quantize_int8
 from utils.prune import (agp_schedule, allocate, blocks, magnitude_masks, make_pruning_permanent, prunable_layers,
                          ratio_at, structured_prune, weight_sparsity)
@@ -30,8 +29,7 @@ def test_structured_pruning_shrinks_layers_and_the_checkpoint_rebuilds_the_new_s
     whole = structured_prune(model, {name: b.conv1.out_channels for name, b in blocks(model).items()}).eval()
     assert torch.allclose(whole(x), model(x))
     path = str(tmp_path / "pruned.pth")
-    atomic_save({"format": "compress-ckpt-v1", "stage": "pruned", "model": pruned.spec,
-                 "state_dict": clean_state_dict(pruned)}, path)
+    write_checkpoint(path, {"stage": "pruned", "model": pruned.spec}, pruned, Progress(1, 1))
     loaded = load_model(load_checkpoint(path, "pruned"), path)
     assert torch.equal(loaded(x), pruned(x))
 

@@ -5,10 +5,11 @@ import math
 import pytest
 import torch
 
-from utils.checkpoint import clean_state_dict, load_checkpoint, load_model, weights_fingerprint
-from utils.files import atomic_save
+from utils.checkpoint import (Progress, clean_state_dict, load_checkpoint, load_model, weights_fingerprint,
+                              write_checkpoint)
 from utils.prune import magnitude_masks, make_pruning_permanent, prunable_layers, weight_sparsity
 from utils.config import UserError, parse_flags
+from utils.measure import accuracy_interval, paired_drop_interval
 from utils.models import ResNet
 from utils.train import Stage, TrainRecipe, cross_entropy_objective, fit, kd_loss
 
@@ -63,8 +64,7 @@ def test_per_layer_pruning_is_exact_and_kept_through_finetuning(tmp_path):
 def test_checkpoint_round_trip_rebuilds_the_architecture(tmp_path):
     model = tiny_model().eval()
     path = str(tmp_path / "m.pth")
-    atomic_save({"format": "compress-ckpt-v1", "stage": "student", "model": model.spec,
-                 "state_dict": clean_state_dict(model)}, path)
+    write_checkpoint(path, {"stage": "student", "model": model.spec}, model, Progress(1, 1))
     loaded = load_model(load_checkpoint(path, "student"), path)
     x = torch.rand(2, 3, 32, 32)
     assert torch.equal(loaded(x), model(x))
@@ -103,3 +103,22 @@ def test_config_layers_defaults_profile_environment_flags(monkeypatch):
     assert (gpu["EPOCHS"], gpu["ARCH"], gpu["PROFILE"]) == (5, "b", "gpu")
     flagged = resolve_config(defaults, ["--DATA_DIR=/flag"], profiles, lambda d: "cpu")
     assert flagged["DATA_DIR"] == "/flag"
+
+
+def test_accuracy_interval_is_the_wilson_interval():
+    lo, hi = accuracy_interval(torch.arange(100) < 50)  # 50 of 100
+    assert (lo, hi) == (pytest.approx(40.38, abs=0.01), pytest.approx(59.62, abs=0.01))
+    lo, hi = accuracy_interval(torch.ones(10, dtype=torch.bool))
+    assert hi == pytest.approx(100.0) and 60 < lo < 75  # never past 100%, unlike the normal approximation
+
+
+def test_paired_drop_interval_counts_only_disagreements_and_is_deterministic():
+    base = torch.arange(1000) % 10 < 8  # 80%
+    assert paired_drop_interval(base, base.clone()) == [0.0, 0.0]
+    other = base.clone()
+    other[:40] = ~other[:40]  # 40 images flipped: 32 right -> wrong, 8 wrong -> right: 2.4 points lower
+    lo, hi = paired_drop_interval(base, other)
+    assert lo < 2.4 < hi and hi - lo < 3.0
+    assert paired_drop_interval(base, other) == [lo, hi]
+    unpaired = 2 * 1.96 * (2 * 0.8 * 0.2 / 1000) ** 0.5 * 100  # width if the two were independent samples
+    assert hi - lo < unpaired

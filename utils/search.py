@@ -246,14 +246,15 @@ def recovery(search, chosen):
 
 
 def run_search(ctx, plan, student, sens, finetune):
-    """Structured walk from the student, AGP walk from the last structured model kept (not for OBJECTIVE=latency:
-    zeros buy no time), the choice by plan.objective within the floor, then its recovery fine-tuning."""
+    """Structured walk from the student, AGP walk from the last structured model kept (not for
+    OBJECTIVE=latency: zeros buy no time), the choice by plan.objective within the floor, then its recovery
+    fine-tuning. sens: the student's Sensitivity (utils.sensitivity)."""
     t0 = time.time()
     search = Search(ctx, plan, finetune)
     start = search.add("student", student, kind="student")
-    kept = structured_walk(search, start, sens["structured"])
+    kept = structured_walk(search, start, sens.structured)
     if plan.objective != "latency":
-        agp_walk(search, kept, sens["unstructured"])
+        agp_walk(search, kept, sens.unstructured)
     entry, met = choose([c.entry for c in search.candidates], plan.objective)
     chosen = next(c for c in search.candidates if c.entry is entry)
     if chosen.name != "student" and met and plan.final_epochs:

@@ -4,12 +4,24 @@ pick the per-layer ratios of the search (utils.prune.allocate) and the layers th
 float. Saved as sensitivity.json, a Markdown table and a PNG plot (utils.plots)."""
 import copy
 import os
+from typing import NamedTuple
 
 from .checkpoint import cpu_copy
 from .files import scratch_path
 from .measure import model_accuracy, ort_accuracy
 from .prune import blocks, magnitude_masks, prunable_layers, structured_prune
 from .quantize import layer_nodes, quantize_int8
+
+class Sensitivity(NamedTuple):
+    """Validation accuracy drops (points) with one layer or block changed at a time."""
+    structured: dict    # {block: [(fraction of inner channels removed, drop)]}
+    unstructured: dict  # {layer: [(fraction of weights zeroed, drop)]}
+    int8: dict          # {layer: drop when only it is quantized to INT8}
+
+    @classmethod
+    def from_json(cls, data):
+        return cls(**{name: data[name] for name in cls._fields})
+
 
 CHANNEL_FRACTIONS = (0.25, 0.5, 0.75, 0.9)        # inner channels of one block removed
 WEIGHT_FRACTIONS = (0.5, 0.7, 0.8, 0.9, 0.95)     # weights of one layer zeroed by magnitude

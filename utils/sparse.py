@@ -124,7 +124,8 @@ def read_sparse(path):
     except SparseFormatError as e:
         raise SparseFormatError(f"{path} is not a compact sparse model (or a damaged one): {e}") from None
     except (ValueError, DecodeError, UnicodeDecodeError) as e:  # bad JSON or protobuf inside valid LZMA
-        raise SparseFormatError(f"{path} is not a compact sparse model (or a damaged one): {type(e).__name__}") from None
+        raise SparseFormatError(f"{path} is not a compact sparse model (or a damaged one): "
+                                f"{type(e).__name__}") from None
     return model, header
 
 
