@@ -21,8 +21,8 @@ from utils.config import UserError, check_range, configure, run_cli
 from utils.data import load_dataset
 from utils.device import pick_device
 from utils.files import atomic_write_text, file_digest, out_dir_lock
-from utils.measure import (Timing, eager_latency, gzip_size, machine_info, model_accuracy, ort_accuracy, ort_latency,
-                           results_table)
+from utils.measure import (Timing, accuracy_interval, eager_latency, gzip_size, machine_info, model_correct,
+                           ort_correct, ort_latency, paired_drop_interval, percent, results_table)
 from utils.plots import plot_pareto, plot_training
 from utils.quantize import export_onnx, load_seed_recipe, onnx_metadata, onnx_param_counts
 from utils.sparse import SparseFormatError, read_sparse
@@ -134,10 +134,11 @@ def measure_float(art, test, cfg, timing):
     params, nonzero = count_params(art.model)
     x = test.x[:64].float() / 255
     return {"stage": art.stage, "artifact": art.path, "runtime": "onnxruntime (fp32 export)",
-            "accuracy": model_accuracy(art.model.to(cfg["DEVICE"]), test, cfg["DEVICE"], cfg["EVAL_BATCH"]),
-            "onnx_accuracy": ort_accuracy(onnx_path, test, cfg["EVAL_BATCH"]),
+            "correct": model_correct(art.model.to(cfg["DEVICE"]), test, cfg["DEVICE"], cfg["EVAL_BATCH"]),
+            "onnx_accuracy": percent(ort_correct(onnx_path, test, cfg["EVAL_BATCH"])),
             "params": params, "nonzero_params": nonzero, "onnx_artifact": onnx_path,
-            "latency": {"onnxruntime": ort_latency(onnx_path, x, timing), "pytorch": eager_latency(art.model, x, timing)}}
+            "latency": {"onnxruntime": ort_latency(onnx_path, x, timing),
+                        "pytorch": eager_latency(art.model, x, timing)}}
 
 
 def measure_int8(art, test, cfg, timing):
@@ -147,14 +148,14 @@ def measure_int8(art, test, cfg, timing):
     params, nonzero = onnx_param_counts(art.model)
     runtime = "onnxruntime (int8, archive)" if art.stage == "int8_sparse" else "onnxruntime (int8)"
     return {"stage": art.stage, "artifact": art.path, "runtime": runtime,
-            "accuracy": ort_accuracy(serialized, test, cfg["EVAL_BATCH"]), "params": params,
+            "correct": ort_correct(serialized, test, cfg["EVAL_BATCH"]), "params": params,
             "nonzero_params": nonzero, "latency": {"onnxruntime": ort_latency(serialized, test.x[:64].float() / 255,
                                                                               timing)}}
 
 
 def measure_seed_recipe(art, test, cfg, timing):
     return {"stage": "seed_recipe", "artifact": art.path, "runtime": "pytorch (eager)",
-            "accuracy": model_accuracy(art.model, test, "cpu", cfg["EVAL_BATCH"]),
+            "correct": model_correct(art.model, test, "cpu", cfg["EVAL_BATCH"]),
             "params": None, "nonzero_params": None,
             "latency": {"pytorch": eager_latency(art.model, test.x[:64].float() / 255, timing)}}
 
@@ -165,15 +166,19 @@ def measure_all(artifacts, test, cfg, timing):
         measure = (measure_float if stage in FLOAT_STAGES else measure_int8 if stage in INT8_STAGES
                    else measure_seed_recipe)
         rows.append(measure(art, test, cfg, timing))
-        print(f"measured {stage}: test accuracy {rows[-1]['accuracy']:.2f}%", flush=True)
-    add_sizes_and_ratios(rows)
+        print(f"measured {stage}: test accuracy {percent(rows[-1]['correct']):.2f}%", flush=True)
+    add_comparisons(rows)
     return rows
 
 
-def add_sizes_and_ratios(rows):
-    """Bytes on disk, gzip bytes, and ratios against the baseline on the same runtime."""
-    base = rows[0]
-    for row in rows:
+def add_comparisons(rows):
+    """Accuracy with its 95% interval, the drop against the baseline with its paired 95% interval (the same
+    test images), bytes on disk, gzip bytes, and ratios against the baseline on the same runtime."""
+    correct = [row.pop("correct") for row in rows]  # per image; not stored
+    base = rows[0]  # filled in first, so every later row can compare with it
+    for row, hits in zip(rows, correct):
+        row["accuracy"], row["accuracy_ci95"] = percent(hits), accuracy_interval(hits)
+        row["accuracy_drop_ci95"] = paired_drop_interval(correct[0], hits)
         row["size_bytes"] = os.path.getsize(row["artifact"])
         row["gzip_bytes"] = gzip_size(row["artifact"])
         runtime = "onnxruntime" if "onnxruntime" in row["latency"] else "pytorch"

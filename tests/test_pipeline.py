@@ -23,12 +23,16 @@ def test_results_have_a_measured_row_per_stage(pipeline):
         assert all(k in row for k in REQUIRED), row.keys()
         assert row["size_bytes"] == os.path.getsize(row["artifact"])
         assert 0 <= row["accuracy"] <= 100 and row["latency_b1_ms"] > 0 and row["latency_b64_ms"] > 0
+        lo, hi = row["accuracy_ci95"]
+        assert lo <= row["accuracy"] <= hi and hi - lo > 4  # 80 test images: wide, even at 100% (95.4-100)
+        lo, hi = row["accuracy_drop_ci95"]
+        assert lo <= row["accuracy_drop"] <= hi
     assert results["machine"]["threads"] == 2 and results["machine"]["onnxruntime"]
     assert results["config"]["RUNS_B1"] == 100
     baseline = results["rows"][0]
     assert baseline["accuracy"] > 50, "the baseline should learn the synthetic classes"
     table = open(os.path.join(pipeline, "results.md")).read()
-    assert all(f"| {stage}" in table for stage in STAGES)
+    assert all(f"| {stage}" in table for stage in STAGES) and "paired drop 95%" in table
 
 
 def test_int8_artifact_is_small_runs_alone_and_agrees_with_float(pipeline, imagefolder):

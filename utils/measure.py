@@ -57,31 +57,73 @@ def evaluating(model):
 
 
 @torch.no_grad()
-def predict_accuracy(predict, x, y, batch_size, device="cpu"):
-    """Top-1 accuracy (%) of predict(float batch) -> logits over all of (x, y)."""
-    correct = 0
+def predict_correct(predict, x, y, batch_size, device="cpu"):
+    """Per image of (x, y), whether predict(float batch) -> logits puts the label first (bool, on the CPU)."""
+    hits = []
     for xb, yb in batches(x, y, batch_size, device):
         logits = torch.as_tensor(predict(xb))
-        correct += (logits.argmax(1).to(yb.device) == yb).sum().item()
-    return 100.0 * correct / len(x)
+        hits.append((logits.argmax(1).to(yb.device) == yb).cpu())
+    return torch.cat(hits)
 
 
-def model_accuracy(model, split, device="cpu", batch_size=500, amp_dtype="float32"):
-    """Top-1 accuracy (%) of an eager model on split (x, y, ...), on `device` (where the model is), in eval mode.
-    amp_dtype 'float32' is exact float32 on every device (decisions); 'bfloat16' shows what training sees."""
-    channels_last = next(model.parameters()).is_contiguous(memory_format=torch.channels_last)
+def percent(correct):
+    """Top-1 accuracy (%) from per-image correctness."""
+    return 100.0 * correct.sum().item() / len(correct)
+
+
+def model_correct(model, split, device="cpu", batch_size=500, amp_dtype="float32"):
+    """Per-image correctness of an eager model on split (x, y, ...), on `device` (where the model is), in eval
+    mode. amp_dtype 'float32' is exact float32 on every device (decisions); 'bfloat16' shows what training sees."""
+    weight = next(model.parameters(), None)
+    channels_last = weight is not None and weight.dim() == 4 and not weight.is_contiguous()
     precision = exact_float32() if amp_dtype == "float32" else contextlib.nullcontext()
 
     def predict(xb):
         with autocast(device, amp_dtype):
             return model(xb.contiguous(memory_format=torch.channels_last) if channels_last else xb).float()
     with evaluating(model), precision:
-        return predict_accuracy(predict, split[0], split[1], batch_size, device)
+        return predict_correct(predict, split[0], split[1], batch_size, device)
+
+
+def model_accuracy(model, split, device="cpu", batch_size=500, amp_dtype="float32"):
+    """Top-1 accuracy (%) of an eager model (see model_correct)."""
+    return percent(model_correct(model, split, device, batch_size, amp_dtype))
+
+
+def ort_correct(model, split, batch_size=500):
+    """Per-image correctness of an ONNX model (path or serialized) in ONNX Runtime, on every core."""
+    return predict_correct(ort_predict(ort_session(model)), split[0], split[1], batch_size)
 
 
 def ort_accuracy(model, split, batch_size=500):
-    """Top-1 accuracy (%) of an ONNX model (path or serialized) in ONNX Runtime, on every core."""
-    return predict_accuracy(ort_predict(ort_session(model)), split[0], split[1], batch_size)
+    """Top-1 accuracy (%) of an ONNX model in ONNX Runtime (see ort_correct)."""
+    return percent(ort_correct(model, split, batch_size))
+
+
+Z95 = 1.959964  # two-sided 95% normal quantile
+
+
+def accuracy_interval(correct):
+    """95% Wilson score interval (%) of an accuracy measured on len(correct) independent images."""
+    n, k = len(correct), int(correct.sum())
+    p, z2 = k / n, Z95 ** 2
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = Z95 * ((p * (1 - p) / n + z2 / (4 * n * n)) ** 0.5) / (1 + z2 / n)
+    # the ends are exactly 0% and 100% when no image, or every image, is right (float rounding aside)
+    return [0.0 if k == 0 else 100 * (centre - half), 100.0 if k == n else 100 * (centre + half)]
+
+
+def paired_drop_interval(base, other, resamples=10000, seed=0):
+    """95% paired bootstrap interval (points) of accuracy(base) - accuracy(other), both measured on the same
+    images (per-image correctness). Only the images where the two disagree move the difference, so resampling
+    the images is drawing, from a multinomial, how many of them fall where base alone is right (b) and where
+    other alone is right (c): drop = (b - c) / n. Deterministic for a seed."""
+    import numpy as np
+    n = len(base)
+    b, c = int((base & ~other).sum()), int((~base & other).sum())
+    draws = np.random.default_rng(seed).multinomial(n, [b / n, c / n, 1 - (b + c) / n], size=resamples)
+    drops = 100.0 * (draws[:, 0] - draws[:, 1]) / n
+    return [float(np.percentile(drops, 2.5)), float(np.percentile(drops, 97.5))]
 
 
 def median_latency_ms(predict, x, warmup, runs):
@@ -168,7 +210,9 @@ COLUMNS = [  # header, width, row -> text
     ("stage", 12, lambda r: r["stage"]),
     ("runtime", 26, lambda r: r["runtime"]),
     ("test acc", 9, lambda r: f"{r['accuracy']:.2f}%"),
+    ("95% interval", 13, lambda r: "{:.2f}-{:.2f}".format(*r["accuracy_ci95"])),
     ("drop", 6, lambda r: f"{r['accuracy_drop']:+.2f}"),
+    ("paired drop 95%", 15, lambda r: "{:+.2f} {:+.2f}".format(*r["accuracy_drop_ci95"])),
     ("MiB", 7, lambda r: f"{r['size_bytes'] / 2**20:.2f}"),
     ("gzip MiB", 8, lambda r: f"{r['gzip_bytes'] / 2**20:.2f}"),
     ("smaller", 7, lambda r: f"{r['size_ratio']:.2f}x"),

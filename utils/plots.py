@@ -50,13 +50,43 @@ PARETO_PANELS = (("size_ratio", "times smaller than the baseline checkpoint (log
                  ("speedup_b64", "speed-up at batch 64 over the baseline, same runtime"))
 
 
+# Published small CIFAR-10 models (chenyaofo/pytorch-cifar-models: test accuracy in float32 on the official
+# CIFAR-10 files; parameters), placed at the bytes they would take stored as INT8, one byte per parameter.
+PUBLISHED = (("ResNet-20", 92.6, 0.27e6), ("MobileNetV2 x0.5", 92.9, 0.70e6), ("ResNet-56", 94.4, 0.86e6))
+
+
+def plot_front_against_published(ax, search):
+    """Accuracy against bytes on disk (log): the candidates' compact archives beside published models."""
+    cands = search["candidates"]
+    mib = [c["bytes"] / 2**20 for c in cands]
+    ax.scatter(mib, [c["val_acc"] for c in cands], c="tab:blue", label="candidates (INT8 archive, validation)")
+    front = pareto_front([(-m, c["val_acc"]) for m, c in zip(mib, cands)])
+    ax.plot([-x for x, _ in front], [y for _, y in front], c="tab:blue", lw=1, alpha=0.6, label="Pareto front")
+    chosen = next(c for c in cands if c["name"] == search["chosen"])
+    ax.scatter([chosen["bytes"] / 2**20], [chosen["val_acc"]], marker="*", s=300, c="tab:red", label="chosen",
+               zorder=3)
+    ax.scatter([search["reference"]["bytes"] / 2**20], [search["baseline_val_acc"]], marker="s", s=80, c="k",
+               label="baseline checkpoint")
+    for name, acc, params in PUBLISHED:
+        ax.scatter([params / 2**20], [acc], marker="D", s=60, c="tab:green")
+        ax.annotate(name, (params / 2**20, acc), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.scatter([], [], marker="D", c="tab:green",
+               label="published (test acc., size as INT8; chenyaofo/pytorch-cifar-models)")
+    ax.axhline(search["floor"], ls="--", c="tab:red", lw=1, label=f"budget floor ({search['floor']:.2f}%)")
+    ax.set(xlabel="bytes on disk (MiB, log)", ylabel="accuracy (%)", xscale="log",
+           title="against the field: accuracy by size")
+    ax.legend(fontsize=7)
+
+
 def plot_pareto(search, path):
     """Validation accuracy against compression and against speed-up for every candidate of the search, with the
-    Pareto front, the budget floor, the chosen model and the original README's recipe marked."""
+    Pareto front, the budget floor, the chosen model and the original README's recipe marked; and accuracy
+    against bytes beside published small CIFAR-10 models."""
     plt = pyplot()
     cands = search["candidates"]
-    fig, axes = plt.subplots(1, 3, figsize=(18, 5))
-    for ax, (key, xlabel) in zip(axes, PARETO_PANELS):
+    fig, axes = plt.subplots(2, 2, figsize=(14, 10))
+    plot_front_against_published(axes[1, 1], search)
+    for ax, (key, xlabel) in zip(axes.flat, PARETO_PANELS):
         ax.scatter([c[key] for c in cands], [c["val_acc"] for c in cands], c="tab:blue", label="candidates (INT8)")
         for c in cands:
             ax.annotate(c["name"], (c[key], c["val_acc"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
