@@ -143,8 +143,8 @@ def plot_training(metrics_path, path):
         acc.plot(epochs, [r["val_accuracy"] for r in records], marker=".", c="tab:red", label="val accuracy")
         acc.set_ylabel("validation accuracy (%)", color="tab:red")
         speed = sum(r["images_per_s"] for r in records) / len(records)
-        ax.set_title(f"{stage}: {records[-1]['val_accuracy']:.2f}% val, peak lr {max(r['lr'] for r in records):.3g},"
-                     f" {speed:.0f} img/s", fontsize=9)
+        ax.set_title(f"{stage}: loss {records[-1]['loss']:.3f}, {records[-1]['val_accuracy']:.2f}% val, "
+                     f"peak lr {max(r['lr'] for r in records):.3g}, {speed:.0f} img/s", fontsize=9)
     for ax in list(axes.flat)[len(stages):]:
         ax.axis("off")
     fig.tight_layout()
