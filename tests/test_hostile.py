@@ -212,21 +212,23 @@ def test_an_unreadable_image_is_one_line_naming_it(imagefolder, tmp_path, capsys
     assert_one_line_error(code, err, "cannot read image", str(bad))
 
 
-def test_a_full_disk_is_one_line_naming_the_file_and_leaves_no_temp_file(imagefolder, tmp_path, capsys,
-                                                                          monkeypatch):
+@pytest.mark.parametrize("failure", [(errno.ENOSPC, "No space left on device"), (errno.EROFS, "Read-only file system"),
+                                     (errno.EACCES, "Permission denied")])
+def test_a_full_or_read_only_disk_is_one_line_naming_the_file_and_leaves_no_temp_file(imagefolder, tmp_path, capsys,
+                                                                                      monkeypatch, failure):
     real_save = torch.save
 
-    def disk_full(obj, path, *args, **kwargs):
+    def failing_write(obj, path, *args, **kwargs):
         if str(path).endswith(".pth") or ".pth.tmp" in str(path):
             with open(path, "wb") as f:
                 f.write(b"half")
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            raise OSError(*failure, str(path))
         return real_save(obj, path, *args, **kwargs)
-    monkeypatch.setattr(torch, "save", disk_full)
+    monkeypatch.setattr(torch, "save", failing_write)
     out = tmp_path / "runs"
     code, _, err = cli(train_baseline.main, [f"--DATA_DIR={imagefolder}", f"--OUT_DIR={out}"] + TRAIN_FLAGS,
                        capsys, monkeypatch)
-    assert_one_line_error(code, err, "baseline.pth.tmp", "No space left on device")
+    assert_one_line_error(code, err, "baseline.pth.tmp", failure[1])
     assert no_temp_files(out) and not (out / "baseline.pth").exists() and not (out / LOCK_NAME).exists()
 
 
