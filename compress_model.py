@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from utils.checkpoint import (ARTIFACTS, Progress, count_params, cpu_copy, load_checkpoint, load_model,
+from utils.checkpoint import (ARTIFACTS, Progress, clean_state_dict, count_params, load_checkpoint, load_model,
                               weights_fingerprint, write_checkpoint)
 from utils.config import UserError, check_choice, check_range, configure, run_cli
 from utils.data import Split, load_dataset, train_val_split
@@ -190,7 +190,7 @@ def sensitivities(student, val, quant, cfg):
     made from the same student and images; also written as sensitivity.md and .png."""
     out = cfg["OUT_DIR"]
     path = os.path.join(out, "sensitivity.json")
-    key = {"student": weights_fingerprint(cpu_copy(student).state_dict()), "SENS_IMAGES": cfg["SENS_IMAGES"],
+    key = {"student": weights_fingerprint(clean_state_dict(student)), "SENS_IMAGES": cfg["SENS_IMAGES"],
            "CALIB_IMAGES": cfg["CALIB_IMAGES"]}
     if os.path.exists(path):
         try:
