@@ -5,6 +5,7 @@ Every temporary file is named `<target>.tmp<pid><ext>` and every staging folder 
 later run can tell a dead process's leftovers (pid no longer running) from a live one's.
 """
 import contextlib
+import hashlib
 import os
 import re
 import secrets
@@ -165,7 +166,6 @@ class ArtifactSet:
 
 def file_digest(path):
     """sha256 of a file's bytes (first 16 hex digits): which exact file a later stage was made from."""
-    import hashlib
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
