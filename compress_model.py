@@ -4,13 +4,15 @@
 
 State how much validation accuracy you can give up (MAX_ACC_DROP, points) and what to optimise (OBJECTIVE);
 the pipeline then
-  1. distils the baseline into a narrower ResNet student                           -> OUT_DIR/student.pth
-  2. measures each layer's sensitivity to pruning and to INT8                      -> OUT_DIR/sensitivity.*
-  3. searches: structured channel pruning in steps (per-block ratios from the sensitivities), then gradual
+  1. computes the baseline's logits once on TEACHER_VIEWS fixed augmentations of every training image and
+     distils it into each of the STUDENTS (small ResNets)                          -> OUT_DIR/student_<name>.pth
+  2. measures each student as INT8 and picks one by the objective within the budget -> OUT_DIR/student.pth
+  3. measures each layer's sensitivity to pruning and to INT8 of the picked student -> OUT_DIR/sensitivity.*
+  4. searches: structured channel pruning in steps (per-block ratios from the sensitivities), then gradual
      (AGP) unstructured pruning on the best of those, fine-tuning with distillation after every step; each
      candidate is quantized to INT8 (ONNX Runtime, with a mixed-precision fallback), stored, timed and
-     judged on validation                                                          -> OUT_DIR/search.json
-  4. keeps the best candidate within the budget, fine-tuned a little longer: float -> OUT_DIR/pruned.pth
+     judged on validation by the paired 95% bound of its drop                      -> OUT_DIR/search.json
+  5. keeps the best candidate within the budget, fine-tuned a little longer: float -> OUT_DIR/pruned.pth
      its INT8 ONNX file (what you deploy; runs without this code)                 -> OUT_DIR/int8.onnx
      the same INT8 model, sparsity stored compactly (utils/sparse.py)             -> OUT_DIR/int8.sparse
 and, for comparison, the original README's recipe (quantize_dynamic on that model) -> OUT_DIR/seed_recipe.pth
@@ -29,29 +31,34 @@ import torch
 from utils.checkpoint import (ARTIFACTS, Progress, clean_state_dict, count_params, load_checkpoint, load_model,
                               weights_fingerprint, write_checkpoint)
 from utils.config import UserError, check_choice, check_range, configure, run_cli
-from utils.data import Split, load_dataset, train_val_split
+from utils.data import Split, fixed_views, load_dataset, train_val_split
 from utils.device import AMP_DTYPES, pick_device
-from utils.files import ArtifactSet, atomic_write_text, file_digest, new_run_id, out_dir_lock
-from utils.measure import Timing, eager_latency, model_accuracy
-from utils.models import STEMS, ResNet
+from utils.files import ArtifactSet, atomic_save, atomic_write_text, file_digest, new_run_id, out_dir_lock
+from utils.measure import Timing, eager_latency, model_accuracy, model_correct, percent
+from utils.models import ResNet, arch_slug, model_spec, parse_arch
 from utils.plots import plot_sensitivity
 from utils.quantize import Quantization, export_onnx, onnx_param_counts, save_onnx_metadata, seed_recipe
-from utils.search import OBJECTIVES, SearchContext, SearchPlan, reference_point, run_search
+from utils.search import OBJECTIVES, Search, SearchContext, SearchPlan, pick_student, reference_point, run_search
 from utils.sensitivity import Sensitivity, sensitivity_analysis, sensitivity_table
 from utils.sparse import save_sparse_onnx
-from utils.train import METRICS_FILE as _METRICS_FILE, Stage, TrainRecipe, distillation_objective, fit
+from utils.train import (METRICS_FILE as _METRICS_FILE, Stage, TrainRecipe, distillation_objective, fit,
+                         teacher_logits)
 
 # -----------------------------------------------------------------------------------------------
 DATA_DIR = "data"            # the data the baseline was trained on (CIFAR-10 or ImageFolder root); env DATA_DIR too
 DOWNLOAD = True              # download CIFAR-10 into DATA_DIR when no data is there (needs internet)
 OUT_DIR = "runs"             # where baseline.pth is, and where every stage's artifact goes
-MAX_ACC_DROP = 0.5           # points of validation accuracy the final INT8 model may lose against the baseline
+MAX_ACC_DROP = 0.5           # points of accuracy the final INT8 model may lose against the baseline, judged by the
+                             # one-sided 95% bound of its paired drop on validation (not the point estimate)
 OBJECTIVE = "balanced"       # size | latency | balanced: what the search minimises within MAX_ACC_DROP
 PROFILE = "auto"             # auto | cpu | gpu: defaults below for the CPU, replaced by _PROFILES["gpu"] on CUDA
 DEVICE = "auto"              # auto | cpu | cuda
-STUDENT_STEM = "stride2"     # imagenet | cifar | stride2: the student's stem (stride2 = 3x3 stride-2 conv, no max-pool)
-STUDENT_WIDTH = 32           # student channels in the first stage, doubled at each later stage (the baseline: 64)
-KD_EPOCHS = 20               # distillation epochs
+STUDENTS = "resnet20,resnet_s2_w32"  # comma-separated utils.models.ARCHS names or stem:widths:blocks specs, each
+                             # distilled; resnet20: CIFAR ResNet-20 (16-32-64, 32x32 maps, 0.27 M parameters);
+                             # resnet_s2_w32: the baseline's shape at half width (2.8 M parameters, 16x16 maps)
+KD_EPOCHS = 10               # distillation epochs of each student
+TEACHER_VIEWS = 6            # fixed augmentations of each training image the teacher's logits are computed on once
+                             # and every training epoch reuses (0: run the teacher on every batch)
 KD_TEMPERATURE = 4.0         # T: softening of both models' logits
 KD_ALPHA = 0.9               # weight of the T^2-scaled KL term; 1 - KD_ALPHA weighs cross-entropy on the labels
 KD_LR = 0.2                  # peak one-cycle learning rate of distillation
@@ -78,21 +85,28 @@ CHANNELS_LAST = True         # channels-last memory format while training
 AMP_DTYPE = "float32"        # float32 | bfloat16 | float16: autocast dtype of training (decisions are always float32)
 SEED = 0                     # seed of initialisation, batch order and the calibration images
 # -----------------------------------------------------------------------------------------------
-_PROFILES = {"cpu": {}, "gpu": {"STUDENT_STEM": "cifar", "KD_EPOCHS": 40, "BATCH_SIZE": 512, "KD_LR": 0.4,
+_PROFILES = {"cpu": {}, "gpu": {"STUDENTS": "resnet20_w32,resnet18_cifar_w32", "KD_EPOCHS": 40, "TEACHER_VIEWS": 0,
+                               "BATCH_SIZE": 512, "KD_LR": 0.4,
                                "STRUCT_EPOCHS": 4, "AGP_EPOCHS": 2,
                                "AMP_DTYPE": "bfloat16"}}
 
 
 def check_config(cfg):
-    check_choice(cfg, "STUDENT_STEM", STEMS)
+    try:
+        names = [parse_arch(name) and name for name in cfg["STUDENTS"].split(",")]
+    except ValueError as e:
+        raise UserError(f"--STUDENTS: {e}") from None
+    if len(set(names)) != len(names):
+        raise UserError(f"--STUDENTS names a student twice: {cfg['STUDENTS']}")
     check_choice(cfg, "CALIB_METHOD", ("MinMax", "Entropy", "Percentile"))
     check_choice(cfg, "OBJECTIVE", OBJECTIVES)
     check_choice(cfg, "AMP_DTYPE", AMP_DTYPES)
     check_range(cfg, "MAX_ACC_DROP", 0, 100)
-    for name in ("STUDENT_WIDTH", "BATCH_SIZE", "CALIB_IMAGES", "SENS_IMAGES", "LATENCY_THREADS", "LATENCY_RUNS",
+    for name in ("BATCH_SIZE", "CALIB_IMAGES", "SENS_IMAGES", "LATENCY_THREADS", "LATENCY_RUNS",
                  "CHANNEL_MULTIPLE"):
         check_range(cfg, name, 1, 10**9)
-    for name in ("KD_EPOCHS", "STRUCT_STEPS", "STRUCT_EPOCHS", "AGP_STEPS", "AGP_EPOCHS", "FINAL_EPOCHS",
+    for name in ("KD_EPOCHS", "TEACHER_VIEWS", "STRUCT_STEPS", "STRUCT_EPOCHS", "AGP_STEPS", "AGP_EPOCHS",
+                 "FINAL_EPOCHS",
                  "MAX_FLOAT_LAYERS"):
         check_range(cfg, name, 0, 10**9)
     for name in ("STRUCT_MAX", "SPARSITY"):
@@ -130,7 +144,7 @@ class Distiller:
         c = self.cfg
         return TrainRecipe(lr=lr, epochs=epochs, batch_size=c["BATCH_SIZE"], momentum=c["MOMENTUM"],
                            weight_decay=c["WEIGHT_DECAY"], seed=c["SEED"], channels_last=c["CHANNELS_LAST"],
-                           amp_dtype=c["AMP_DTYPE"])
+                           amp_dtype=c["AMP_DTYPE"], views=c["TEACHER_VIEWS"])
 
     def fit(self, stage, model, recipe):
         model = model.to(self.cfg["DEVICE"])
@@ -159,23 +173,57 @@ def load_splits(cfg, teacher):
     return train.to(cfg["DEVICE"]), val
 
 
-def budget_floor(teacher, val, cfg):
-    """The least validation accuracy the final INT8 model may have: the baseline's, in exact float32 like every
-    candidate's, minus MAX_ACC_DROP."""
-    base_val = model_accuracy(teacher.model, val, cfg["DEVICE"], 512)
-    floor = base_val - cfg["MAX_ACC_DROP"]
-    print(f"budget: baseline val {base_val:.2f}% - MAX_ACC_DROP {cfg['MAX_ACC_DROP']} = {floor:.2f}%, the least "
-          f"validation accuracy the final INT8 model may have; OBJECTIVE={cfg['OBJECTIVE']}", flush=True)
-    return base_val, floor
+def baseline_on_val(teacher, val, cfg):
+    """The baseline's per-image correctness on validation, in exact float32 like every candidate's: what each
+    candidate's paired drop is measured against."""
+    correct = model_correct(teacher.model, val, cfg["DEVICE"], 512)
+    print(f"budget: baseline val {percent(correct):.2f}%; a candidate is within MAX_ACC_DROP={cfg['MAX_ACC_DROP']} "
+          f"when the one-sided 95% bound of its paired drop on these {len(correct)} images is; "
+          f"OBJECTIVE={cfg['OBJECTIVE']}", flush=True)
+    return correct
+
+
+def cached_teacher(teacher, train, cfg):
+    """The teacher's logits on TEACHER_VIEWS fixed augmentations of every training image (utils.train
+    .teacher_logits), stored in OUT_DIR/teacher_logits.pt and reused while the teacher and the views are the same.
+    None when TEACHER_VIEWS is 0."""
+    if not cfg["TEACHER_VIEWS"]:
+        return None
+    path = os.path.join(cfg["OUT_DIR"], "teacher_logits.pt")
+    key = {"teacher": teacher.fingerprint, "views": cfg["TEACHER_VIEWS"], "seed": cfg["SEED"], "n": len(train.x)}
+    if os.path.exists(path):
+        try:
+            saved = torch.load(path, weights_only=True)
+            if saved["key"] == key and saved["logits"].shape[:2] == (key["views"], key["n"]):
+                print(f"teacher: logits of {key['views']} views reused from {path}")
+                return saved["logits"]
+        except Exception:
+            print(f"teacher: {path} is unreadable, computing the logits again")
+    t0 = time.time()
+    views = fixed_views(len(train.x), cfg["TEACHER_VIEWS"], cfg["SEED"])
+    logits = teacher_logits(teacher.model, train, views, cfg["DEVICE"], 500, cfg["CHANNELS_LAST"])
+    atomic_save({"key": key, "logits": logits}, path)
+    print(f"teacher: logits on {key['views']} fixed views of {len(train.x)} images in {time.time() - t0:.0f}s, "
+          f"{path}", flush=True)
+    return logits
+
+
+def student_path(cfg, name):
+    return os.path.join(cfg["OUT_DIR"], f"student_{arch_slug(name)}.pth")
 
 
 def distil(teacher, distiller, cfg):
-    """Knowledge distillation into a narrower student (loss: KD_ALPHA*T^2*KL + (1-KD_ALPHA)*CE)."""
-    w = cfg["STUDENT_WIDTH"]
-    student = ResNet(stem=cfg["STUDENT_STEM"], widths=(w, 2 * w, 4 * w, 8 * w), num_classes=len(teacher.classes))
-    path = os.path.join(cfg["OUT_DIR"], ARTIFACTS["student"])
-    stage = Stage("student", "student", path, cfg["DEVICE"], {"teacher": teacher.fingerprint}, distiller.meta)
-    return distiller.fit(stage, student, distiller.recipe(cfg["KD_LR"], cfg["KD_EPOCHS"]))
+    """Knowledge distillation into each of the STUDENTS (loss: KD_ALPHA*T^2*KL + (1-KD_ALPHA)*CE):
+    {name: model}, each checkpointed as OUT_DIR/student_<name>.pth."""
+    students, names = {}, cfg["STUDENTS"].split(",")
+    for name in names:
+        spec = model_spec(**parse_arch(name), num_classes=len(teacher.classes))
+        path = student_path(cfg, name)
+        label = "student" if len(names) == 1 else f"student_{arch_slug(name)}"  # as the search names them
+        stage = Stage("student", label, path, cfg["DEVICE"], {"teacher": teacher.fingerprint}, distiller.meta)
+        students[name] = distiller.fit(stage, ResNet(**spec["kwargs"]), distiller.recipe(cfg["KD_LR"],
+                                                                                          cfg["KD_EPOCHS"]))
+    return students
 
 
 def quantization(train, cfg):
@@ -211,11 +259,12 @@ def sensitivities(student, val, quant, cfg):
     return Sensitivity.from_json(json.loads(json.dumps(sens)))  # as a rerun reads it back: the same either way
 
 
-def search_context(val, floor, quant, sens, teacher, base_val, cfg):
+def search_context(val, base_correct, quant, teacher, cfg):
     timing = Timing(cfg["LATENCY_THREADS"], cfg["LATENCY_RUNS"], max(cfg["LATENCY_RUNS"] // 10, 3), warmup=10)
-    ctx = SearchContext(val=val, floor=floor, quant=quant, int8_drops=sens.int8, timing=timing,
-                        x_latency=val.x[:64].float() / 255, work_dir=os.path.join(cfg["OUT_DIR"], "search"))
-    ctx.reference = reference_point(teacher.model, teacher.path, base_val, ctx)
+    ctx = SearchContext(val=val, base_correct=base_correct, max_drop=cfg["MAX_ACC_DROP"], quant=quant,
+                        timing=timing, x_latency=val.x[:64].float() / 255,
+                        work_dir=os.path.join(cfg["OUT_DIR"], "search"))
+    ctx.reference = reference_point(teacher.model, teacher.path, percent(base_correct), ctx)
     return ctx
 
 
@@ -247,22 +296,25 @@ def seed_recipe_point(model, teacher, path, ctx):
             "speedup_b64": base["b64_ms"] / seed["b64_ms"]}
 
 
-def report(result, floor, cfg):
+def report(result, cfg):
     print(f"search: {len(result.candidates)} candidates in {result.seconds:.0f}s; chosen {result.chosen.name} "
           f"({'within' if result.budget_met else 'NOT within'} the budget, OBJECTIVE={cfg['OBJECTIVE']})", flush=True)
     if not result.budget_met:
-        print(f"warning: no candidate kept {floor:.2f}% on validation; {result.chosen.name} is the most accurate. "
-              f"Raise MAX_ACC_DROP or KD_EPOCHS.")
+        print(f"warning: no candidate's paired 95% bound of its drop on validation was within MAX_ACC_DROP="
+              f"{cfg['MAX_ACC_DROP']}; {result.chosen.name} is the most accurate. Raise MAX_ACC_DROP or KD_EPOCHS.")
 
 
-def write_artifacts(result, teacher, ctx, cfg, seconds):
-    """The chosen model as pruned.pth (float; rebuilds its pruned shape), int8.onnx (what ships), int8.sparse
-    (the same, stored compactly), seed_recipe.pth (the original recipe on it) and search.json: written into a
-    staging folder, each with this run's id, and moved into OUT_DIR together once all are written."""
+def write_artifacts(result, student, teacher, ctx, cfg, seconds):
+    """The picked student as student.pth, the chosen model as pruned.pth (float; rebuilds its pruned shape),
+    int8.onnx (what ships), int8.sparse (the same, stored compactly), seed_recipe.pth (the original recipe on it)
+    and search.json: written into a staging folder, each with this run's id, and moved into OUT_DIR together
+    once all are written."""
     out, chosen, run_id = cfg["OUT_DIR"], result.chosen, new_run_id()
     paths = {stage: os.path.join(out, ARTIFACTS[stage]) for stage in ("student", "pruned", "int8", "int8_sparse")}
     meta = {"config": cfg, "classes": teacher.classes, "teacher": teacher.path, "run_id": run_id}
     with ArtifactSet(out) as staged:
+        student_file = student_path(cfg, student.entry["arch"])
+        shutil.copyfile(student_file, staged.path(ARTIFACTS["student"]))
         write_checkpoint(staged.path(ARTIFACTS["pruned"]), {**meta, "stage": "pruned", "model": chosen.model.spec,
                          "search": chosen.entry}, chosen.model,
                          Progress(1, 1, [{"epoch": 1, "val_accuracy": chosen.entry["float_val_acc"]}]))
@@ -278,9 +330,10 @@ def write_artifacts(result, teacher, ctx, cfg, seconds):
             {"config": cfg, "run_id": run_id, "baseline_val_acc": ctx.reference["val_acc"], "floor": ctx.floor,
              "objective": cfg["OBJECTIVE"], "reference": ctx.reference, "candidates": result.log(),
              "chosen": chosen.name, "budget_met": result.budget_met, "seed_recipe": seed, "seconds": seconds,
-             "inputs": {ARTIFACTS[s]: file_digest(os.path.join(out, ARTIFACTS[s])) for s in ("baseline", "student")}},
+             "student": student.entry["arch"], "max_acc_drop": cfg["MAX_ACC_DROP"],
+             "inputs": {ARTIFACTS["baseline"]: file_digest(teacher.path),
+                        ARTIFACTS["student"]: file_digest(student_file)}},
             indent=1) + "\n")
-    student = result.candidates[0]
     before = summary(count_params(student.model), paths["student"], student.entry["float_val_acc"])
     after = summary(count_params(chosen.model), paths["pruned"], chosen.entry["float_val_acc"])
     int8_stats = summary(onnx_param_counts(paths["int8"]), paths["int8"], chosen.entry["val_acc"])
@@ -299,18 +352,20 @@ def main(argv):
         t_start = time.time()
         teacher = Teacher(cfg)
         train, val = load_splits(cfg, teacher)
-        base_val, floor = budget_floor(teacher, val, cfg)
-        kd = distillation_objective(teacher.model, cfg["KD_TEMPERATURE"], cfg["KD_ALPHA"])
+        base_correct = baseline_on_val(teacher, val, cfg)
+        kd = distillation_objective(teacher.model, cfg["KD_TEMPERATURE"], cfg["KD_ALPHA"],
+                                    cached_teacher(teacher, train, cfg))
         distiller = Distiller(kd, train, val, cfg, {"config": cfg, "classes": teacher.classes, "teacher": teacher.path})
-        student = distil(teacher, distiller, cfg)
+        students = distil(teacher, distiller, cfg)
         t_search = time.time()
         quant = quantization(train, cfg)
-        sens = sensitivities(student, val, quant, cfg)
-        ctx = search_context(val, floor, quant, sens, teacher, base_val, cfg)
-        result = run_search(ctx, search_plan(cfg), student, sens, distiller.finetune)
-        report(result, floor, cfg)
+        ctx = search_context(val, base_correct, quant, teacher, cfg)
+        search = Search(ctx, search_plan(cfg), distiller.finetune)
+        student = pick_student(search, students)
+        result = run_search(search, student, sensitivities(student.model, val, quant, cfg))
+        report(result, cfg)
         seconds = {"distillation": t_search - t_start, "sensitivity_and_search": time.time() - t_search}
-        write_artifacts(result, teacher, ctx, cfg, {**seconds, "total": time.time() - t_start})
+        write_artifacts(result, student, teacher, ctx, cfg, {**seconds, "total": time.time() - t_start})
 
 
 if __name__ == "__main__":

@@ -196,7 +196,8 @@ def draw(search, cfg):
     plot_pareto(search, os.path.join(out, "pareto.png"))
     drew = plot_training(os.path.join(out, _METRICS_FILE), os.path.join(out, "training.png"))
     print(f"search: chose {search['chosen']} of {len(search['candidates'])} candidates "
-          f"(OBJECTIVE={search['objective']}, validation floor {search['floor']:.2f}%); Pareto fronts in "
+          f"(OBJECTIVE={search['objective']}, student {search.get('student')}, within MAX_ACC_DROP="
+          f"{search.get('max_acc_drop')} by the paired 95% bound on validation); Pareto fronts in "
           f"{out}/pareto.png{'; training curves in ' + out + '/training.png' if drew else ''}")
 
 
@@ -206,7 +207,8 @@ def write_results(rows, search, test, cfg, timing):
     machine = {**machine_info(), "threads": timing.threads, **versions()}
     header = (f"Machine: {machine['cpu']}, {timing.threads} threads; torch {machine['torch']}, "
               f"onnxruntime {machine['onnxruntime']}. Test split: {len(test.x)} images. Run {search['run_id']}.\n\n")
-    keys = ("run_id", "chosen", "objective", "floor", "baseline_val_acc", "budget_met", "seconds")
+    keys = ("run_id", "chosen", "student", "objective", "max_acc_drop", "floor", "baseline_val_acc", "budget_met",
+            "seconds")
     atomic_write_text(os.path.join(cfg["OUT_DIR"], "results.md"), header + table + "\n")
     atomic_write_text(os.path.join(cfg["OUT_DIR"], "results.json"), json.dumps(
         {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "config": cfg, "machine": machine,

@@ -95,11 +95,11 @@ def test_corrupt_or_truncated_checkpoint(pipeline, imagefolder, tmp_path, capsys
 
 
 def test_checkpoint_of_another_architecture(pipeline, imagefolder, tmp_path, capsys, monkeypatch):
-    # a baseline made with resnet18_stock, resumed with ARCH=resnet18_cifar
+    # a baseline made with resnet18_s2, resumed with ARCH=resnet18_cifar
     shutil.copy(os.path.join(pipeline, "baseline.pth"), tmp_path / "baseline.pth")
     argv = [f"--DATA_DIR={imagefolder}", f"--OUT_DIR={tmp_path}"] + TRAIN_FLAGS + ["--ARCH=resnet18_cifar"]
     code, _, err = cli(train_baseline.main, argv, capsys, monkeypatch)
-    assert_one_line_error(code, err, "baseline.pth", "stem=imagenet", "stem=cifar")
+    assert_one_line_error(code, err, "baseline.pth", "stem=stride2", "stem=cifar")
     # a student checkpoint where the baseline should be
     shutil.copy(os.path.join(pipeline, "student.pth"), tmp_path / "baseline.pth")
     code, _, err = cli(compress_model.main, [f"--DATA_DIR={imagefolder}", f"--OUT_DIR={tmp_path}"], capsys,
@@ -134,6 +134,9 @@ def test_missing_and_empty_data_folders(tmp_path, capsys, monkeypatch):
     (compress_model, ["--MAX_ACC_DROP=-1"], ["--MAX_ACC_DROP must be in"]),
     (compress_model, ["--KD_ALPHA=-0.1"], ["--KD_ALPHA must be in"]),
     (compress_model, ["--CALIB_METHOD=magic"], ["--CALIB_METHOD must be one of"]),
+    (compress_model, ["--STUDENTS=resnet99"], ["--STUDENTS", "'resnet99'", "stem:widths:blocks"]),
+    (compress_model, ["--STUDENTS=cifar:16-32:0"], ["--STUDENTS", "'cifar:16-32:0'"]),
+    (compress_model, ["--STUDENTS=resnet20,resnet20"], ["--STUDENTS names a student twice"]),
     (evaluate_results, ["--RUNS_B1=10"], ["--RUNS_B1 must be in"]),
     (evaluate_results, ["--PROFILE=tpu"], ["--PROFILE must be one of"]),
     (evaluate_results, ["--DEVCE=cpu"], ["unknown constant --DEVCE"]),
@@ -151,8 +154,10 @@ def test_rerunning_compress_reuses_every_finished_step(pipeline, imagefolder, tm
     code, stdout, _ = cli(compress_model.main, [f"--DATA_DIR={imagefolder}", f"--OUT_DIR={out}"] + COMPRESS_FLAGS,
                           capsys, monkeypatch)
     assert code == 0
-    # the student and the four trained candidates (struct1, sparse1, sparse2, the recovery one)
-    assert "sensitivity: reusing" in stdout and stdout.count("already trained") == 5
+    # the teacher's logits, the two students and the four trained candidates (struct1, sparse1, sparse2, the
+    # recovery one)
+    assert "teacher: logits of 6 views reused" in stdout and "sensitivity: reusing" in stdout
+    assert stdout.count("already trained") == 6
     after = torch.load(out / "pruned.pth", weights_only=True)
     assert after["model"] == before["model"]
     assert all(torch.equal(after["state_dict"][k], v) for k, v in before["state_dict"].items())

@@ -11,7 +11,7 @@ from utils.checkpoint import Progress, load_checkpoint, load_model, write_checkp
 from utils.quantize import Quantization, export_onnx, quantize_int8
 from utils.prune import (agp_schedule, allocate, blocks, magnitude_masks, make_pruning_permanent, prunable_layers,
                          ratio_at, structured_prune, weight_sparsity)
-from utils.search import SearchContext, choose, quantize_within_budget, score
+from utils.search import Candidate, SearchContext, choose, quantize_within_budget, score
 from utils.sparse import load_sparse_onnx, save_sparse_onnx
 
 
@@ -98,13 +98,14 @@ def entry(name, acc, mib, b1, b64, floor=80.0):
 
 
 def test_budget_logic_chooses_the_best_within_the_floor():
-    cands = [entry("a", 85.0, 4.0, 0.5, 5.0), entry("small", 81.0, 1.0, 0.4, 4.0), entry("fast", 80.5, 2.0, 0.2, 2.0),
-             entry("tiny_but_bad", 79.0, 0.5, 0.1, 1.0)]
+    entries = (entry("a", 85.0, 4.0, 0.5, 5.0), entry("small", 81.0, 1.0, 0.4, 4.0), entry("fast", 80.5, 2.0, 0.2, 2.0),
+               entry("tiny_but_bad", 79.0, 0.5, 0.1, 1.0))
+    cands = [Candidate(e, None) for e in entries]
     assert choose(cands, "size") == (cands[1], True)
     assert choose(cands, "latency") == (cands[2], True)
-    best = min(cands[:3], key=lambda c: score(c, "balanced"))
-    assert choose(cands, "balanced") == (best, True) and best["name"] != "tiny_but_bad"
-    none_within = [entry("x", 70.0, 1.0, 0.1, 1.0), entry("y", 75.0, 2.0, 0.2, 2.0)]
+    best = min(cands[:3], key=lambda c: score(c.entry, "balanced"))
+    assert choose(cands, "balanced") == (best, True) and best.name != "tiny_but_bad"
+    none_within = [Candidate(entry("x", 70.0, 1.0, 0.1, 1.0), None), Candidate(entry("y", 75.0, 2.0, 0.2, 2.0), None)]
     assert choose(none_within, "size") == (none_within[1], False)
 
 
@@ -113,12 +114,13 @@ def test_int8_fallback_keeps_the_most_sensitive_layers_in_float_until_the_floor_
     float_onnx = export_onnx(model, str(tmp_path / "f.onnx"))
     val = tiny_data(40, 3)
     drops = {name: float(i) for i, name in enumerate(prunable_layers(model))}  # fc the most sensitive
-    ctx = SearchContext(val=val, floor=-1.0, quant=Quantization(tiny_data(32)[0].float() / 255), int8_drops=drops,
-                        timing=None, x_latency=None, work_dir=str(tmp_path))
-    acc, keep = quantize_within_budget(float_onnx, str(tmp_path / "q.onnx"), ctx, max_float_layers=4)
-    assert keep == []  # plain INT8 meets a floor nothing can miss
-    ctx.floor = 101.0  # a floor nothing can meet: every step of the fallback is tried, most sensitive first
-    acc, keep = quantize_within_budget(float_onnx, str(tmp_path / "q.onnx"), ctx, max_float_layers=4)
+    ctx = SearchContext(val=val, base_correct=torch.ones(len(val[0]), dtype=torch.bool), max_drop=101.0,
+                        quant=Quantization(tiny_data(32)[0].float() / 255), timing=None, x_latency=None,
+                        work_dir=str(tmp_path))
+    correct, keep = quantize_within_budget(float_onnx, str(tmp_path / "q.onnx"), ctx, drops, max_float_layers=4)
+    assert keep == []  # plain INT8 meets a budget nothing can miss
+    ctx.max_drop = -1.0  # a budget nothing can meet: every step of the fallback is tried, most sensitive first
+    correct, keep = quantize_within_budget(float_onnx, str(tmp_path / "q.onnx"), ctx, drops, max_float_layers=4)
     ranked = sorted(drops, key=lambda n: -drops[n])
     assert keep == ranked[:4]
     graph = onnx.load(str(tmp_path / "q.onnx")).graph

@@ -76,7 +76,8 @@ def test_sensitivity_and_reference_point_leave_the_model_as_it_was(tmp_path):
     val = Split(*tiny_data(16), ["a", "b", "c", "d"])
     quant = Quantization(tiny_data(16)[0].float() / 255)
     sensitivity_analysis(model, export_onnx(model, str(tmp_path / "f.onnx")), quant, val)
-    ctx = SearchContext(val=val, floor=0.0, quant=quant, int8_drops={}, x_latency=torch.rand(64, 3, 32, 32),
+    ctx = SearchContext(val=val, base_correct=torch.ones(16, dtype=torch.bool), max_drop=0.5, quant=quant,
+                        x_latency=torch.rand(64, 3, 32, 32),
                         timing=Timing(threads=1, runs_b1=2, runs_b64=1, warmup=1), work_dir=str(tmp_path))
     torch.save(model.state_dict(), tmp_path / "baseline.pth")
     reference_point(model, str(tmp_path / "baseline.pth"), 50.0, ctx)
@@ -108,7 +109,7 @@ def test_gpu_profile_runs_on_cpu_through_gpu_check(imagefolder, tmp_path):
     archive = tmp_path / "cifar10.tar.xz"
     with tarfile.open(archive, "w:xz") as tar:
         tar.add(imagefolder, arcname="cifar10")
-    short = ["--EPOCHS=1", "--KD_EPOCHS=1", "--AGP_STEPS=1", "--FINAL_EPOCHS=0", "--STUDENT_WIDTH=8"]
+    short = ["--EPOCHS=1", "--KD_EPOCHS=1", "--AGP_STEPS=1", "--FINAL_EPOCHS=0", "--STUDENTS=cifar:8-16-32-64:1"]
     flags = ["--DEVICE=cpu", "--REFERENCE_SECONDS=0.5"] + TRAIN_FLAGS[:-1] + COMPRESS_FLAGS[:-1] + EVAL_FLAGS + short
     env = {**os.environ, "GPU_CHECK_ARCHIVE": str(archive), "OUT": str(tmp_path / "out"),
            "GPU_CHECK_FLAGS": " ".join(dedupe_by_name(flags))}
@@ -122,7 +123,7 @@ def test_gpu_profile_runs_on_cpu_through_gpu_check(imagefolder, tmp_path):
     assert set(bench["stage_speeds"]) == {"baseline", "student", "struct1", "sparse1"}
     assert bench["reference_workload"]["images_per_s"] > 0
     search = json.load(open(tmp_path / "out" / "search.json"))
-    assert search["config"]["AMP_DTYPE"] == "bfloat16" and search["config"]["STUDENT_STEM"] == "cifar"
+    assert search["config"]["AMP_DTYPE"] == "bfloat16" and search["config"]["TEACHER_VIEWS"] == 0
     assert "baseline" in proc.stdout and "img/s" in proc.stdout
     for name in ("results.md", "training.png", "gpu_check.log"):
         assert os.path.getsize(tmp_path / "out" / name) > 0

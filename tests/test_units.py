@@ -9,9 +9,12 @@ from utils.checkpoint import (Progress, clean_state_dict, load_checkpoint, load_
                               write_checkpoint)
 from utils.prune import magnitude_masks, make_pruning_permanent, prunable_layers, weight_sparsity
 from utils.config import UserError, parse_flags
-from utils.measure import accuracy_interval, paired_drop_interval
-from utils.models import ResNet
-from utils.train import Stage, TrainRecipe, cross_entropy_objective, fit, kd_loss
+from utils.data import Split, batches, fixed_views
+from utils.measure import accuracy_interval, paired_drop_bound, paired_drop_interval
+from utils.models import ResNet, build_model, parse_arch
+from utils.search import SearchContext
+from utils.train import (Stage, TrainRecipe, cross_entropy_objective, distillation_objective, fit, kd_loss,
+                         teacher_logits)
 
 
 def test_kd_loss_matches_hand_computation():
@@ -122,3 +125,58 @@ def test_paired_drop_interval_counts_only_disagreements_and_is_deterministic():
     assert paired_drop_interval(base, other) == [lo, hi]
     unpaired = 2 * 1.96 * (2 * 0.8 * 0.2 / 1000) ** 0.5 * 100  # width if the two were independent samples
     assert hi - lo < unpaired
+
+
+def test_paired_drop_bound_is_one_sided_and_stricter_than_the_point_estimate():
+    base = torch.arange(1000) % 10 < 8
+    assert paired_drop_bound(base, base.clone()) == 0.0
+    other = base.clone()
+    other[:40] = ~other[:40]  # 2.4 points lower
+    lo, hi = paired_drop_interval(base, other)
+    assert 2.4 < paired_drop_bound(base, other) < hi  # above the point estimate, below the two-sided 97.5%
+
+
+def test_search_judges_the_budget_by_the_paired_bound_not_the_point_estimate():
+    base = torch.arange(1000) % 10 < 8
+    ctx = SearchContext(val=None, base_correct=base, max_drop=0.5, quant=None, timing=None, x_latency=None,
+                        work_dir="")
+    noisy = base.clone()
+    right, wrong = torch.nonzero(base).flatten(), torch.nonzero(~base).flatten()
+    noisy[right[:40]] = False
+    noisy[wrong[:37]] = True  # 40 lost, 37 gained: 0.3 points lower on these 1000 images
+    acc, bound, within = ctx.judge(noisy)
+    assert acc == pytest.approx(79.7) and acc >= ctx.floor  # the point estimate is inside the budget ...
+    assert bound > 0.5 and not within  # ... but 77 disagreements are too few to be sure of it
+    assert ctx.judge(base.clone()) == (80.0, 0.0, True)
+
+
+def test_resnet20_is_the_cifar_resnet20_and_arch_specs_parse():
+    model = ResNet(**parse_arch("resnet20"))
+    assert sum(p.numel() for p in model.parameters()) == 272_474  # He et al.'s 0.27 M (with shortcut convs)
+    assert model.stages == ["layer1", "layer2", "layer3"] and model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    assert parse_arch("cifar:16-32-64:3") == {**parse_arch("resnet20"), "widths": (16, 32, 64)}
+    rebuilt = build_model(model.spec)
+    assert rebuilt.spec == model.spec
+    for bad in ("resnet99", "cifar:16-32", "pool:16-32:1", "cifar:16-x:1", ""):
+        with pytest.raises(ValueError):
+            parse_arch(bad)
+
+
+def test_cached_teacher_logits_are_the_teachers_on_the_fixed_views():
+    teacher = tiny_model().eval()
+    x, y = tiny_data(48)
+    split = Split(x, y, ["a", "b", "c", "d"])
+    views = fixed_views(48, 3, seed=5)
+    assert torch.equal(views, fixed_views(48, 3, seed=5)) and not torch.equal(views[0], views[1])
+    cached = teacher_logits(teacher, split, views, "cpu", batch_size=20)
+    assert cached.shape == (3, 48, 4)
+    gen = torch.Generator().manual_seed(0)
+    batch = next(batches(x, y, 16, "cpu", shuffle=True, train=True, generator=gen, view=(2, views[2])))
+    with torch.no_grad():
+        assert torch.allclose(teacher(batch.x), cached[2, batch.idx], atol=1e-5)
+
+    def no_teacher(_):
+        raise AssertionError("the cached logits must be read, not the teacher run")
+    student = tiny_model()
+    loss = distillation_objective(no_teacher, 4.0, 0.9, cached)(student, batch)
+    assert loss.item() == pytest.approx(kd_loss(student(batch.x), cached[2, batch.idx], batch.y, 4.0, 0.9).item())

@@ -171,32 +171,58 @@ def train_val_split(train, val_size, seed, subset=0):
     return Split(train.x[rest], train.y[rest], train.classes).head(subset), held_out
 
 
-def augment(x, generator):
-    """Pad-4 random crop and horizontal flip of a float batch (N, C, H, W), done as tensor ops."""
+class Batch(NamedTuple):
+    """One training or evaluation batch: images (float in [0, 1], on the device), labels, the images' positions in
+    their split (CPU) and which fixed augmentation view they show (-1: a fresh random one, or none)."""
+    x: torch.Tensor
+    y: torch.Tensor
+    idx: torch.Tensor
+    view: int = -1
+
+
+def augment_params(n, generator):
+    """Random pad-4 crop offsets and flips of n images: (3, n) int64 rows dy, dx (0..8) and flip (0 or 1)."""
+    dy = torch.randint(0, 9, (n,), generator=generator)
+    dx = torch.randint(0, 9, (n,), generator=generator)
+    flip = (torch.rand(n, generator=generator) < 0.5).long()
+    return torch.stack([dy, dx, flip])
+
+
+def apply_augment(x, params):
+    """Pad-4 crop at the offsets and horizontal flip of `params` (augment_params) on a float batch (N, C, H, W),
+    as tensor ops on x's device."""
     n, c, h, w = x.shape
+    dy, dx, flip = (p.to(x.device) for p in params)
     padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
-    dy = torch.randint(0, 9, (n, 1, 1), generator=generator).to(x.device)
-    dx = torch.randint(0, 9, (n, 1, 1), generator=generator).to(x.device)
-    rows = (torch.arange(h, device=x.device).view(1, h, 1) + dy).expand(n, h, w)
-    cols = (torch.arange(w, device=x.device).view(1, 1, w) + dx).expand(n, h, w)
+    rows = (torch.arange(h, device=x.device).view(1, h, 1) + dy.view(n, 1, 1)).expand(n, h, w)
+    cols = (torch.arange(w, device=x.device).view(1, 1, w) + dx.view(n, 1, 1)).expand(n, h, w)
     idx = torch.arange(n, device=x.device).view(n, 1, 1).expand(n, h, w)
     out = padded.permute(0, 2, 3, 1)[idx, rows, cols].permute(0, 3, 1, 2)
-    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device).view(n, 1, 1, 1)
-    return torch.where(flip, out.flip(3), out)
+    return torch.where(flip.bool().view(n, 1, 1, 1), out.flip(3), out)
 
 
-def batches(x, y, batch_size, device, shuffle=False, train=False, generator=None, channels_last=False):
-    """Yield (float images in [0, 1], labels) on `device`; with train=True shuffled, augmented, last partial dropped."""
+def fixed_views(n, views, seed):
+    """`views` fixed augmentations of each of n images, (views, 3, n): the same for the same seed, so a teacher's
+    logits on them can be computed once (utils.train.teacher_logits) and reused by every epoch showing them."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.stack([augment_params(n, generator) for _ in range(views)])
+
+
+def batches(x, y, batch_size, device, shuffle=False, train=False, generator=None, channels_last=False, view=None):
+    """Yield Batches on `device`; with train=True shuffled, augmented, last partial dropped. view: (index, (3, N)
+    params) of a fixed augmentation view for every image (fixed_views), instead of fresh random ones."""
     order = torch.randperm(len(x), generator=generator) if shuffle else torch.arange(len(x))
     stop = len(x) - len(x) % batch_size if train and len(x) >= batch_size else len(x)
     for i in range(0, stop, batch_size):
         idx = order[i:i + batch_size]
-        xb = x[idx].to(device, non_blocking=True).float().div_(255)
-        if train:
-            xb = augment(xb, generator)
+        xb = x[idx.to(x.device)].to(device, non_blocking=True).float().div_(255)
+        if view is not None:
+            xb = apply_augment(xb, view[1][:, idx])
+        elif train:
+            xb = apply_augment(xb, augment_params(len(xb), generator))
         if channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
-        yield xb, y[idx].to(device, non_blocking=True)
+        yield Batch(xb, y[idx.to(y.device)].to(device, non_blocking=True), idx, -1 if view is None else view[0])
 
 
 def num_batches(n, batch_size, train):

@@ -60,9 +60,9 @@ def evaluating(model):
 def predict_correct(predict, x, y, batch_size, device="cpu"):
     """Per image of (x, y), whether predict(float batch) -> logits puts the label first (bool, on the CPU)."""
     hits = []
-    for xb, yb in batches(x, y, batch_size, device):
-        logits = torch.as_tensor(predict(xb))
-        hits.append((logits.argmax(1).to(yb.device) == yb).cpu())
+    for batch in batches(x, y, batch_size, device):
+        logits = torch.as_tensor(predict(batch.x))
+        hits.append((logits.argmax(1).to(batch.y.device) == batch.y).cpu())
     return torch.cat(hits)
 
 
@@ -113,17 +113,31 @@ def accuracy_interval(correct):
     return [0.0 if k == 0 else 100 * (centre - half), 100.0 if k == n else 100 * (centre + half)]
 
 
-def paired_drop_interval(base, other, resamples=10000, seed=0):
-    """95% paired bootstrap interval (points) of accuracy(base) - accuracy(other), both measured on the same
-    images (per-image correctness). Only the images where the two disagree move the difference, so resampling
-    the images is drawing, from a multinomial, how many of them fall where base alone is right (b) and where
-    other alone is right (c): drop = (b - c) / n. Deterministic for a seed."""
+def paired_drops(base, other, resamples=10000, seed=0):
+    """Bootstrap draws (points) of accuracy(base) - accuracy(other), both measured on the same images (per-image
+    correctness). Only the images where the two disagree move the difference, so resampling the images is
+    drawing, from a multinomial, how many of them fall where base alone is right (b) and where other alone is
+    right (c): drop = (b - c) / n. Deterministic for a seed."""
     import numpy as np
     n = len(base)
     b, c = int((base & ~other).sum()), int((~base & other).sum())
     draws = np.random.default_rng(seed).multinomial(n, [b / n, c / n, 1 - (b + c) / n], size=resamples)
-    drops = 100.0 * (draws[:, 0] - draws[:, 1]) / n
+    return 100.0 * (draws[:, 0] - draws[:, 1]) / n
+
+
+def paired_drop_interval(base, other):
+    """95% paired bootstrap interval (points) of accuracy(base) - accuracy(other) (paired_drops)."""
+    import numpy as np
+    drops = paired_drops(base, other)
     return [float(np.percentile(drops, 2.5)), float(np.percentile(drops, 97.5))]
+
+
+def paired_drop_bound(base, other):
+    """The drop (points) of `other` against `base` that is exceeded with 5% chance only: the one-sided 95% upper
+    bound of paired_drops. The search keeps a candidate when this is within MAX_ACC_DROP, so that validation
+    noise alone does not let a model through that loses more on other images."""
+    import numpy as np
+    return float(np.percentile(paired_drops(base, other), 95))
 
 
 def median_latency_ms(predict, x, warmup, runs):

@@ -2,10 +2,11 @@
 
 One class covers every network the pipeline makes:
   stem="imagenet": 7x7 stride-2 conv + max-pool, the layers of torchvision's stock resnet18 (8x8 maps at layer1 on 32x32)
-  stem="cifar":    3x3 stride-1 conv, no max-pool (the CIFAR ResNet-18, 32x32 maps at layer1)
+  stem="cifar":    3x3 stride-1 conv, no max-pool (the CIFAR ResNet-18 and ResNet-20, 32x32 maps at layer1)
   stem="stride2":  3x3 stride-2 conv, no max-pool (16x16 maps at layer1)
-and `widths` sets the channels of the four stages, so a narrower student is the same code. `mids` (one per
-block) sets each block's inner width: structured pruning removes inner channels and records the new widths there.
+`widths` and `blocks` set the channels and depth of each stage (four stages: ResNet-18; three stages of three
+blocks at 16-32-64: the CIFAR ResNet-20), so a student is the same code. `mids` (one per block) sets each block's
+inner width: structured pruning removes inner channels and records the new widths there.
 Keeping normalisation inside means an exported ONNX file takes plain RGB floats in [0, 1].
 """
 import torch
@@ -20,7 +21,32 @@ STEMS = ("imagenet", "cifar", "stride2")
 ARCHS = {
     "resnet18_stock": dict(stem="imagenet", widths=(64, 128, 256, 512)),
     "resnet18_cifar": dict(stem="cifar", widths=(64, 128, 256, 512)),
+    "resnet18_s2": dict(stem="stride2", widths=(64, 128, 256, 512)),
+    "resnet20": dict(stem="cifar", widths=(16, 32, 64), blocks=(3, 3, 3)),
+    "resnet20_w32": dict(stem="cifar", widths=(32, 64, 128), blocks=(3, 3, 3)),
+    "resnet_s2_w32": dict(stem="stride2", widths=(32, 64, 128, 256)),
+    "resnet18_cifar_w32": dict(stem="cifar", widths=(32, 64, 128, 256)),
 }
+
+
+def parse_arch(text):
+    """A name of ARCHS, or "stem:w1-w2-...:blocks" (e.g. "cifar:16-32-64:3", ResNet-20): the ResNet arguments."""
+    if text in ARCHS:
+        return dict(ARCHS[text])
+    try:
+        stem, widths, per_stage = text.split(":")
+        widths = tuple(int(w) for w in widths.split("-"))
+        if stem in STEMS and min(widths) > 0 and int(per_stage) > 0:
+            return dict(stem=stem, widths=widths, blocks=(int(per_stage),) * len(widths))
+    except ValueError:
+        pass
+    raise ValueError(f"{text!r} is neither one of {', '.join(ARCHS)} nor stem:widths:blocks with a stem of "
+                     f"{'|'.join(STEMS)} (e.g. cifar:16-32-64:3)")
+
+
+def arch_slug(name):
+    """An architecture name (parse_arch) as it appears in file names and candidate names."""
+    return name.replace(":", "_")
 
 
 def make_stem(stem, width):
@@ -59,6 +85,8 @@ class ResNet(nn.Module):
             raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
         full = [w for w, n in zip(widths, blocks) for _ in range(n)]
         mids = list(mids) if mids is not None else full
+        if len(widths) != len(blocks) or not widths:
+            raise ValueError(f"one width per stage: widths {widths}, blocks {blocks}")
         if len(mids) != len(full) or min(mids) < 1:
             raise ValueError(f"mids needs {len(full)} positive inner widths, got {mids}")
         # what a checkpoint needs to rebuild this model (mids only when they differ from the stage widths)
@@ -67,20 +95,28 @@ class ResNet(nn.Module):
         self.register_buffer("std", torch.tensor(CIFAR10_STD).view(1, 3, 1, 1))
         self.conv1, self.bn1, self.relu, self.maxpool = make_stem(stem, widths[0])
         inplanes = widths[0]
-        stages = []
-        for i, (width, n) in enumerate(zip(widths, blocks)):
-            stride = 1 if i == 0 else 2
-            stages.append(make_stage(inplanes, width, mids[:n], stride))
+        self.stages = [f"layer{i + 1}" for i in range(len(widths))]  # torchvision's names: layer1, layer2, ...
+        for i, (name, width, n) in enumerate(zip(self.stages, widths, blocks)):
+            setattr(self, name, make_stage(inplanes, width, mids[:n], stride=1 if i == 0 else 2))
             inplanes, mids = width, mids[n:]
-        self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(inplanes, num_classes)
 
     def forward(self, x):  # x: (N, 3, H, W) RGB in [0, 1]
         x = (x - self.mean) / self.std
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        for name in self.stages:
+            x = getattr(self, name)(x)
         return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def zero_init_residual(model):
+    """Set the last BN scale of every block to zero, so that each block starts as the identity (Goyal et al.):
+    faster early training of the baseline. Returns the model."""
+    for module in model.modules():
+        if isinstance(module, Block):
+            nn.init.zeros_(module.bn2.weight)
+    return model
 
 
 def make_stage(inplanes, width, mids, stride):

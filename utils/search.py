@@ -1,6 +1,12 @@
-"""The search: candidate models made by structured pruning, then gradual (AGP) unstructured pruning, then a
-recovery fine-tuning of the choice; each candidate turned into its deployable INT8 artifacts and measured
-(validation accuracy, bytes, latency), with the INT8 fallback to mixed precision, and the choice under the budget.
+"""The search: the distilled students as the first candidates, the pick of one of them by the objective, then
+candidates made from it by structured pruning, then gradual (AGP) unstructured pruning, then a recovery
+fine-tuning of the choice; each candidate turned into its deployable INT8 artifacts and measured (validation
+accuracy, bytes, latency), with the INT8 fallback to mixed precision, and the choice under the budget.
+
+The budget is judged with its noise: a candidate is within it when the one-sided 95% upper bound of its paired
+drop against the baseline on validation (measure.paired_drop_bound) is at most MAX_ACC_DROP, not when its point
+estimate is: on 5,000 images one point is 50 images, and a point estimate just inside the budget is outside it
+on other images about half the time.
 
 A candidate is judged by the artifact that ships: its INT8 ONNX file (latency, run by ONNX Runtime) and the
 compact archive of that file (size). Accuracy is always the validation split's; the test split is not seen.
@@ -20,7 +26,8 @@ import torch
 
 from .checkpoint import clean_state_dict, count_params, cpu_copy, weights_fingerprint
 from .data import Split
-from .measure import Timing, model_accuracy, ort_accuracy, ort_latency
+from .measure import Timing, model_accuracy, ort_correct, ort_latency, paired_drop_bound, percent
+from .models import arch_slug
 from .prune import agp_schedule, allocate, blocks, magnitude_masks, prunable_layers, structured_prune, \
     weight_sparsity, zero_fractions
 from .quantize import Quantization, export_onnx, quantize_int8
@@ -48,21 +55,34 @@ class SearchPlan:
 class SearchContext:
     """What every candidate is measured with and against."""
     val: Split              # validation split (CPU): every decision is judged on it
-    floor: float            # least INT8 validation accuracy (%) within the budget
+    base_correct: torch.Tensor  # the baseline's per-image correctness on val (float32)
+    max_drop: float         # MAX_ACC_DROP: the most points the paired 95% bound of a candidate's drop may reach
     quant: Quantization     # INT8 settings and calibration images
-    int8_drops: dict        # {layer: accuracy drop when only it is INT8}: the fallback's order
     timing: Timing          # how candidates are timed
     x_latency: torch.Tensor  # float images the latency is measured on (64)
     work_dir: str           # candidates' checkpoints, ONNX files and archives
     reference: dict = None  # the baseline: checkpoint bytes and float ONNX latency (reference_point)
     latency_cache: dict = field(default_factory=dict)  # {shape: (measured on, latency)}
 
+    @property
+    def floor(self):
+        """The point estimate's floor (baseline val - MAX_ACC_DROP): shown beside the paired bound, and a model
+        under it in float is not tried with the INT8 fallback."""
+        return percent(self.base_correct) - self.max_drop
+
+    def judge(self, correct):
+        """(accuracy %, paired 95% bound of the drop, within the budget) of per-image correctness on val."""
+        bound = paired_drop_bound(self.base_correct, correct)
+        return percent(correct), bound, bound <= self.max_drop
+
 
 @dataclass
 class Candidate:
-    """One model the search tried: its log entry (search.json) and the deployable float model (CPU, eval)."""
+    """One model the search tried: its log entry (search.json), the deployable float model (CPU, eval) and the
+    INT8 sensitivities of the student it came from ({layer: drop}; None before they are measured)."""
     entry: dict
     model: torch.nn.Module
+    int8_drops: dict = None
 
     @property
     def name(self):
@@ -91,16 +111,18 @@ def reference_point(teacher, baseline_path, val_acc, ctx):
             **ort_latency(onnx_path, ctx.x_latency, ctx.timing)}
 
 
-def quantize_within_budget(float_onnx, int8_path, ctx, max_float_layers):
-    """Post-training INT8; when it alone falls under the budget floor, keep the layers most sensitive to INT8
-    in float, 1, 2, 4, ... of them up to max_float_layers. Returns (val accuracy, layers kept in float)."""
-    order = sorted(ctx.int8_drops, key=lambda n: -ctx.int8_drops[n])
+def quantize_within_budget(float_onnx, int8_path, ctx, int8_drops, max_float_layers):
+    """Post-training INT8; when it alone is outside the budget, keep the layers most sensitive to INT8 in float,
+    1, 2, 4, ... of them up to max_float_layers (none without int8_drops). Returns (per-image correctness on
+    val, layers kept in float)."""
+    order = sorted(int8_drops or {}, key=lambda n: -int8_drops[n])
     keep, count = [], 1
     while True:
         quantize_int8(float_onnx, int8_path, ctx.quant, keep_float=keep)
-        acc = ort_accuracy(int8_path, ctx.val)
-        if acc >= ctx.floor or count > max_float_layers:
-            return acc, keep
+        correct = ort_correct(int8_path, ctx.val)
+        within = ctx.judge(correct)[2]
+        if within or count > min(max_float_layers, len(order)):
+            return correct, keep
         keep, count = order[:count], count * 2
 
 
@@ -115,26 +137,25 @@ def shared_latency(name, int8_path, shape, ctx):
     return {**measured, "latency_measured_on": source}
 
 
-def measure_candidate(name, model, ctx, max_float_layers, **info):
+def measure_candidate(name, model, ctx, int8_drops, max_float_layers, **info):
     """Float accuracy, then export, quantize (with the fallback), archive and time one deployable model; returns
     its log entry."""
     float_val = model_accuracy(model, ctx.val)
     float_onnx = export_onnx(model, os.path.join(ctx.work_dir, f"{name}_fp32.onnx"))
     int8_path = os.path.join(ctx.work_dir, f"{name}.int8.onnx")
-    if float_val >= ctx.floor:
-        val_acc, keep = quantize_within_budget(float_onnx, int8_path, ctx, max_float_layers)
-    else:  # already outside the budget in float: no fallback can help, measure plain INT8 for the log
-        quantize_int8(float_onnx, int8_path, ctx.quant)
-        val_acc, keep = ort_accuracy(int8_path, ctx.val), []
+    # already under the floor in float: no fallback can help, plain INT8 is measured for the log
+    drops = int8_drops if float_val >= ctx.floor else None
+    correct, keep = quantize_within_budget(float_onnx, int8_path, ctx, drops, max_float_layers)
+    val_acc, bound, within = ctx.judge(correct)
     archive = int8_path.replace(".onnx", ".sparse")
-    entry = {"name": name, "float_val_acc": float_val, "val_acc": val_acc, "float_layers": keep,
-             "within_budget": val_acc >= ctx.floor, "onnx_bytes": os.path.getsize(int8_path),
+    entry = {"name": name, "float_val_acc": float_val, "val_acc": val_acc, "drop_bound": bound,
+             "float_layers": keep, "within_budget": within, "onnx_bytes": os.path.getsize(int8_path),
              "bytes": save_sparse_onnx(int8_path, archive), "int8_onnx": int8_path, "archive": archive,
              **shared_latency(name, int8_path, [model.spec, keep], ctx), **info}
     ref = ctx.reference
     entry.update(size_ratio=ref["bytes"] / entry["bytes"], speedup_b1=ref["b1_ms"] / entry["b1_ms"],
                  speedup_b64=ref["b64_ms"] / entry["b64_ms"])
-    print(f"candidate {name:<10} val {float_val:6.2f}% float -> {val_acc:6.2f}% int8"
+    print(f"candidate {name:<18} val {float_val:6.2f}% float -> {val_acc:6.2f}% int8 (drop <= {bound:5.2f})"
           f"{' (float: ' + ', '.join(keep) + ')' if keep else ''}  {entry['bytes'] / 2**20:6.3f} MiB "
           f"({entry['size_ratio']:5.1f}x)  b1 {entry['b1_ms']:.3f} ms ({entry['speedup_b1']:.2f}x)  "
           f"b64 {entry['b64_ms']:.2f} ms ({entry['speedup_b64']:.2f}x)"
@@ -155,12 +176,12 @@ def score(entry, objective):
 
 
 def choose(candidates, objective):
-    """The best log entry by `objective` among those within the budget: (entry, True). With none within the
-    budget, the most accurate: (entry, False)."""
-    within = [c for c in candidates if c["within_budget"]]
+    """The best Candidate by `objective` among those within the budget: (candidate, True). With none within the
+    budget, the most accurate: (candidate, False)."""
+    within = [c for c in candidates if c.entry["within_budget"]]
     if not within:
-        return max(candidates, key=lambda c: c["val_acc"]), False
-    return min(within, key=lambda c: score(c, objective)), True
+        return max(candidates, key=lambda c: c.entry["val_acc"]), False
+    return min(within, key=lambda c: score(c.entry, objective)), True
 
 
 def candidate_path(work, name, made_from):
@@ -177,19 +198,20 @@ class Search:
         self.ctx, self.plan, self.finetune = ctx, plan, finetune
         self.candidates = []
 
-    def add(self, name, model, **info):
+    def add(self, name, model, int8_drops=None, **info):
         """Measure `model` (any device; measured on a CPU copy) as a candidate and log it."""
         final = cpu_copy(model)
-        entry = measure_candidate(name, final, self.ctx, self.plan.max_float_layers, params=count_params(final)[0],
-                                  sparsity=weight_sparsity(final), mids=final.spec["kwargs"].get("mids"), **info)
-        self.candidates.append(Candidate(entry, final))
+        entry = measure_candidate(name, final, self.ctx, int8_drops, self.plan.max_float_layers,
+                                  params=count_params(final)[0], sparsity=weight_sparsity(final),
+                                  mids=final.spec["kwargs"].get("mids"), **info)
+        self.candidates.append(Candidate(entry, final, int8_drops))
         return self.candidates[-1]
 
     def step(self, name, model, parent, epochs, made_from, **info):
         """Fine-tune `model`, pruned from the candidate `parent`, then measure it as a candidate."""
         made_from = {"source": weights_fingerprint(clean_state_dict(parent.model)), **made_from}
         path = candidate_path(self.ctx.work_dir, name, made_from)
-        return self.add(name, self.finetune(name, path, model, epochs, made_from), **info)
+        return self.add(name, self.finetune(name, path, model, epochs, made_from), parent.int8_drops, **info)
 
 
 def structured_counts(student, curves, level, multiple):
@@ -245,18 +267,33 @@ def recovery(search, chosen):
     return cand if better else chosen
 
 
-def run_search(ctx, plan, student, sens, finetune):
-    """Structured walk from the student, AGP walk from the last structured model kept (not for
-    OBJECTIVE=latency: zeros buy no time), the choice by plan.objective within the floor, then its recovery
-    fine-tuning. sens: the student's Sensitivity (utils.sensitivity)."""
-    t0 = time.time()
-    search = Search(ctx, plan, finetune)
-    start = search.add("student", student, kind="student")
-    kept = structured_walk(search, start, sens.structured)
+def pick_student(search, students):
+    """Each distilled student ({name: model}) measured as a candidate (plain INT8: its sensitivities are not known
+    yet); the pick is the best by the objective within the budget, else the most accurate. Returns it."""
+    first = len(search.candidates)
+    for name, model in students.items():
+        search.add(f"student_{arch_slug(name)}" if len(students) > 1 else "student", model, kind="student",
+                   arch=name)
+    picked, met = choose(search.candidates[first:], search.plan.objective)
+    print(f"student: {picked.entry['arch']} picked of {', '.join(students)} "
+          f"({'within the budget' if met else 'none within the budget: the most accurate'})", flush=True)
+    return picked
+
+
+def run_search(search, student, sens):
+    """From the picked student (a candidate of `search`, re-measured with its INT8 fallback), the structured walk,
+    the AGP walk from the last structured model kept (not for OBJECTIVE=latency: zeros buy no time), the choice
+    by the objective within the budget among all candidates, students included, then its recovery fine-tuning.
+    sens: the student's Sensitivity (utils.sensitivity)."""
+    t0, plan = time.time(), search.plan
+    if not student.entry["within_budget"] and student.entry["float_val_acc"] >= search.ctx.floor and sens.int8:
+        student = search.add(f"{student.name}_mixed", student.model, sens.int8, kind="student",
+                             arch=student.entry["arch"])
+    student.int8_drops = sens.int8
+    kept = structured_walk(search, student, sens.structured)
     if plan.objective != "latency":
         agp_walk(search, kept, sens.unstructured)
-    entry, met = choose([c.entry for c in search.candidates], plan.objective)
-    chosen = next(c for c in search.candidates if c.entry is entry)
-    if chosen.name != "student" and met and plan.final_epochs:
+    chosen, met = choose(search.candidates, plan.objective)
+    if chosen.entry["kind"] != "student" and met and plan.final_epochs:
         chosen = recovery(search, chosen)
     return SearchResult(search.candidates, chosen, met, time.time() - t0)

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from .checkpoint import Progress, check_same_model, load_checkpoint, load_clean_state_dict, write_checkpoint
 from .config import UserError
-from .data import batches, num_batches
+from .data import batches, fixed_views, num_batches
 from .device import autocast
 from .measure import model_accuracy
 
@@ -30,6 +30,8 @@ class TrainRecipe:
     seed: int                    # batch order and augmentation
     channels_last: bool = False  # feed batches channels-last (the model should be too)
     amp_dtype: str = "float32"   # autocast dtype of the forward pass: float32 | bfloat16 | float16
+    views: int = 0               # 0: a fresh random augmentation every epoch; K: the K fixed views of
+                                 # data.fixed_views(N, K, seed), epoch e showing view e % K (cached teacher logits)
 
 
 @dataclass
@@ -48,8 +50,8 @@ class Stage:
 
 
 def cross_entropy_objective(label_smoothing):
-    def objective(model, x, y):
-        return F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
+    def objective(model, batch):
+        return F.cross_entropy(model(batch.x), batch.y, label_smoothing=label_smoothing)
     return objective
 
 
@@ -61,23 +63,44 @@ def kd_loss(student_logits, teacher_logits, targets, temperature, alpha):
     return alpha * t * t * kl + (1 - alpha) * F.cross_entropy(student_logits.float(), targets)
 
 
-def distillation_objective(teacher, temperature, alpha):
-    """KD loss against `teacher`, which must be in eval mode on the training device (it is not changed here)."""
-    def objective(model, x, y):
-        with torch.no_grad():
-            teacher_logits = teacher(x)
-        return kd_loss(model(x), teacher_logits, y, temperature, alpha)
+@torch.no_grad()
+def teacher_logits(teacher, train, views, device, batch_size=500, channels_last=False):
+    """The teacher's float32 logits on every fixed view of every training image: (K, N, classes), on the CPU.
+    views: data.fixed_views(N, K, seed), as the recipe that reads them makes it."""
+    out = []
+    for k in range(len(views)):
+        bar = tqdm(batches(train.x, train.y, batch_size, device, view=(k, views[k]), channels_last=channels_last),
+                   total=num_batches(len(train.x), batch_size, False), desc=f"teacher view {k + 1}/{len(views)}",
+                   unit="batch", leave=False, mininterval=1.0)
+        out.append(torch.cat([teacher(b.x).float().cpu() for b in bar]))
+    return torch.stack(out)
+
+
+def distillation_objective(teacher, temperature, alpha, cached=None):
+    """KD loss against `teacher`, which must be in eval mode on the training device (it is not changed here).
+    cached: its logits on the fixed views (teacher_logits), read instead of running it on batches showing one."""
+    def objective(model, batch):
+        if cached is not None and batch.view >= 0:
+            logits = cached[batch.view, batch.idx].to(batch.x.device)
+        else:
+            with torch.no_grad():
+                logits = teacher(batch.x)
+        return kd_loss(model(batch.x), logits, batch.y, temperature, alpha)
     return objective
 
 
 def sgd_one_cycle(model, recipe, steps_per_epoch):
-    """SGD with Nesterov momentum; one-cycle learning rate stepped per batch."""
+    """SGD with Nesterov momentum, no weight decay on BN and biases; one-cycle learning rate stepped per batch."""
     epochs = max(recipe.epochs, 1)  # a zero-epoch stage never steps the schedule, but OneCycleLR needs a length
     if epochs * steps_per_epoch < 5:
         raise UserError(f"{epochs} epoch(s) of {steps_per_epoch} step(s) are too few for a one-cycle "
                         f"schedule (5 steps at least): use more epochs or a smaller BATCH_SIZE")
-    opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum, nesterov=True,
-                          weight_decay=recipe.weight_decay)
+    # weight decay on conv and linear weights only: decaying BN scales and biases only slows short training
+    decayed = [p for p in model.parameters() if p.ndim > 1]
+    kept = [p for p in model.parameters() if p.ndim <= 1]
+    opt = torch.optim.SGD([{"params": decayed, "weight_decay": recipe.weight_decay},
+                           {"params": kept, "weight_decay": 0.0}], lr=recipe.lr, momentum=recipe.momentum,
+                          nesterov=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, epochs=epochs, steps_per_epoch=steps_per_epoch,
                                                 pct_start=0.25, div_factor=10.0, final_div_factor=100.0)
     return opt, sched
@@ -87,14 +110,14 @@ def train_one_epoch(model, objective, optimizer, scheduler, loader, total, desc)
     model.train()
     running, seen = 0.0, 0
     bar = tqdm(loader, total=total, desc=desc, unit="batch", leave=False, mininterval=1.0)
-    for xb, yb in bar:
-        loss = objective(model, xb, yb)
+    for batch in bar:
+        loss = objective(model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
-        running += loss.item() * len(xb)
-        seen += len(xb)
+        running += loss.item() * len(batch.y)
+        seen += len(batch.y)
         bar.set_postfix(loss=f"{running / seen:.3f}", refresh=False)
     return running / max(seen, 1)
 
@@ -139,11 +162,13 @@ def fit(model, objective, recipe, train, val, stage):
     progress = resume(model, optimizer, scheduler, stage, meta, recipe.epochs)
     if progress.finished and progress.history:
         return progress
+    views = fixed_views(len(train[0]), recipe.views, recipe.seed) if recipe.views else None
     for epoch in range(progress.epoch, recipe.epochs):
         t0 = time.time()
         gen = torch.Generator().manual_seed(recipe.seed * 1000 + epoch)
+        view = None if views is None else (epoch % recipe.views, views[epoch % recipe.views])
         loader = batches(train[0], train[1], recipe.batch_size, stage.device, shuffle=True, train=True,
-                         generator=gen, channels_last=recipe.channels_last)
+                         generator=gen, channels_last=recipe.channels_last, view=view)
         lr = scheduler.get_last_lr()[0]
         with autocast(stage.device, recipe.amp_dtype):
             loss = train_one_epoch(model, objective, optimizer, scheduler, loader, steps,
