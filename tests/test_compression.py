@@ -11,6 +11,7 @@ from utils.checkpoint import Progress, load_checkpoint, load_model, write_checkp
 from utils.quantize import Quantization, export_onnx, quantize_int8
 from utils.prune import (agp_schedule, allocate, blocks, magnitude_masks, make_pruning_permanent, prunable_layers,
                          ratio_at, structured_prune, weight_sparsity)
+from utils import search
 from utils.search import Candidate, SearchContext, choose, quantize_within_budget, score
 from utils.sparse import load_sparse_onnx, save_sparse_onnx
 
@@ -109,20 +110,35 @@ def test_budget_logic_chooses_the_best_within_the_floor():
     assert choose(none_within, "size") == (none_within[1], False)
 
 
-def test_int8_fallback_keeps_the_most_sensitive_layers_in_float_until_the_floor_is_met(tmp_path):
+def float_weights(path):
+    graph = onnx.load(path).graph
+    return {n.input[1] for n in graph.node if n.op_type in ("Conv", "Gemm") and n.input[1].endswith(".weight")}
+
+
+def test_int8_fallback_keeps_the_most_sensitive_layers_in_float_until_the_budget_is_met(tmp_path, monkeypatch):
     model = tiny_model().eval()
-    float_onnx = export_onnx(model, str(tmp_path / "f.onnx"))
+    float_onnx, int8_path = export_onnx(model, str(tmp_path / "f.onnx")), str(tmp_path / "q.onnx")
     val = tiny_data(40, 3)
     drops = {name: float(i) for i, name in enumerate(prunable_layers(model))}  # fc the most sensitive
+    ranked = sorted(drops, key=lambda n: -drops[n])
     ctx = SearchContext(val=val, base_correct=torch.ones(len(val[0]), dtype=torch.bool), max_drop=101.0,
                         quant=Quantization(tiny_data(32)[0].float() / 255), timing=None, x_latency=None,
                         work_dir=str(tmp_path))
-    correct, keep = quantize_within_budget(float_onnx, str(tmp_path / "q.onnx"), ctx, drops, max_float_layers=4)
+    correct, keep = quantize_within_budget(float_onnx, int8_path, ctx, drops, max_float_layers=4)
     assert keep == []  # plain INT8 meets a budget nothing can miss
-    ctx.max_drop = -1.0  # a budget nothing can meet: every step of the fallback is tried, most sensitive first
-    correct, keep = quantize_within_budget(float_onnx, str(tmp_path / "q.onnx"), ctx, drops, max_float_layers=4)
-    ranked = sorted(drops, key=lambda n: -drops[n])
-    assert keep == ranked[:4]
-    graph = onnx.load(str(tmp_path / "q.onnx")).graph
-    float_weights = {n.input[1] for n in graph.node if n.op_type in ("Conv", "Gemm") and n.input[1].endswith(".weight")}
-    assert float_weights == {f"{name}.weight" for name in ranked[:4]}
+    # a budget met once two layers are in float: 1, then 2 of the most sensitive are tried, and 2 kept
+    tried = []
+    judge = SearchContext.judge
+    monkeypatch.setattr(search, "quantize_int8", lambda f, p, q, keep_float=(): tried.append(list(keep_float)) or
+                        quantize_int8(f, p, q, keep_float=keep_float))
+    monkeypatch.setattr(SearchContext, "judge", lambda self, c: (*judge(self, c)[:2], len(tried[-1]) >= 2))
+    correct, keep = quantize_within_budget(float_onnx, int8_path, ctx, drops, max_float_layers=4)
+    assert tried == [[], ranked[:1], ranked[:2]] and keep == ranked[:2]
+    assert float_weights(int8_path) == {f"{name}.weight" for name in ranked[:2]}
+    # a budget nothing can meet: every step is tried, most sensitive first, then plain INT8 is kept (float layers
+    # would only make a model that misses the budget anyway bigger)
+    monkeypatch.setattr(SearchContext, "judge", judge)
+    ctx.max_drop, tried[:] = -1.0, []
+    correct, keep = quantize_within_budget(float_onnx, int8_path, ctx, drops, max_float_layers=4)
+    assert tried == [[], ranked[:1], ranked[:2], ranked[:4], []] and keep == []
+    assert float_weights(int8_path) == set()

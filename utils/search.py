@@ -113,17 +113,23 @@ def reference_point(teacher, baseline_path, val_acc, ctx):
 
 def quantize_within_budget(float_onnx, int8_path, ctx, int8_drops, max_float_layers):
     """Post-training INT8; when it alone is outside the budget, keep the layers most sensitive to INT8 in float,
-    1, 2, 4, ... of them up to max_float_layers (none without int8_drops). Returns (per-image correctness on
+    1, 2, 4, ... of them up to max_float_layers (none without int8_drops). When no step brings the model within
+    the budget, plain INT8 is kept (float layers would only make it bigger). Returns (per-image correctness on
     val, layers kept in float)."""
     order = sorted(int8_drops or {}, key=lambda n: -int8_drops[n])
-    keep, count = [], 1
-    while True:
+    tries, count = [[]], 1
+    while count <= min(max_float_layers, len(order)):
+        tries.append(order[:count])
+        count *= 2
+    for keep in tries:
         quantize_int8(float_onnx, int8_path, ctx.quant, keep_float=keep)
         correct = ort_correct(int8_path, ctx.val)
-        within = ctx.judge(correct)[2]
-        if within or count > min(max_float_layers, len(order)):
+        if ctx.judge(correct)[2]:
             return correct, keep
-        keep, count = order[:count], count * 2
+    if tries[-1]:  # the last try kept layers in float and missed too: back to plain INT8
+        quantize_int8(float_onnx, int8_path, ctx.quant)
+        correct = ort_correct(int8_path, ctx.val)
+    return correct, []
 
 
 def shared_latency(name, int8_path, shape, ctx):
