@@ -35,7 +35,7 @@ from utils.data import Split, fixed_views, load_dataset, train_val_split
 from utils.device import AMP_DTYPES, pick_device
 from utils.files import ArtifactSet, atomic_save, atomic_write_text, file_digest, new_run_id, out_dir_lock
 from utils.measure import Timing, eager_latency, model_accuracy, model_correct, percent
-from utils.models import ResNet, arch_slug, model_spec, parse_arch
+from utils.models import ResNet, arch_slug, parse_arch
 from utils.plots import plot_sensitivity
 from utils.quantize import Quantization, export_onnx, onnx_param_counts, save_onnx_metadata, seed_recipe
 from utils.search import OBJECTIVES, Search, SearchContext, SearchPlan, pick_student, reference_point, run_search
@@ -92,10 +92,12 @@ _PROFILES = {"cpu": {}, "gpu": {"STUDENTS": "resnet20_w32,resnet18_cifar_w32", "
 
 
 def check_config(cfg):
-    try:
-        names = [parse_arch(name) and name for name in cfg["STUDENTS"].split(",")]
-    except ValueError as e:
-        raise UserError(f"--STUDENTS: {e}") from None
+    names = cfg["STUDENTS"].split(",")
+    for name in names:
+        try:
+            parse_arch(name)
+        except ValueError as e:
+            raise UserError(f"--STUDENTS: {e}") from None
     if len(set(names)) != len(names):
         raise UserError(f"--STUDENTS names a student twice: {cfg['STUDENTS']}")
     check_choice(cfg, "CALIB_METHOD", ("MinMax", "Entropy", "Percentile"))
@@ -106,8 +108,7 @@ def check_config(cfg):
                  "CHANNEL_MULTIPLE"):
         check_range(cfg, name, 1, 10**9)
     for name in ("KD_EPOCHS", "TEACHER_VIEWS", "STRUCT_STEPS", "STRUCT_EPOCHS", "AGP_STEPS", "AGP_EPOCHS",
-                 "FINAL_EPOCHS",
-                 "MAX_FLOAT_LAYERS"):
+                 "FINAL_EPOCHS", "MAX_FLOAT_LAYERS"):
         check_range(cfg, name, 0, 10**9)
     for name in ("STRUCT_MAX", "SPARSITY"):
         check_range(cfg, name, 0, 1, high_open=True)
@@ -201,7 +202,7 @@ def cached_teacher(teacher, train, cfg):
             print(f"teacher: {path} is unreadable, computing the logits again")
     t0 = time.time()
     views = fixed_views(len(train.x), cfg["TEACHER_VIEWS"], cfg["SEED"])
-    logits = teacher_logits(teacher.model, train, views, cfg["DEVICE"], 500, cfg["CHANNELS_LAST"])
+    logits = teacher_logits(teacher.model, train, views, cfg["DEVICE"], channels_last=cfg["CHANNELS_LAST"])
     atomic_save({"key": key, "logits": logits}, path)
     print(f"teacher: logits on {key['views']} fixed views of {len(train.x)} images in {time.time() - t0:.0f}s, "
           f"{path}", flush=True)
@@ -217,12 +218,11 @@ def distil(teacher, distiller, cfg):
     {name: model}, each checkpointed as OUT_DIR/student_<name>.pth."""
     students, names = {}, cfg["STUDENTS"].split(",")
     for name in names:
-        spec = model_spec(**parse_arch(name), num_classes=len(teacher.classes))
-        path = student_path(cfg, name)
+        student = ResNet(**parse_arch(name), num_classes=len(teacher.classes))
         label = "student" if len(names) == 1 else f"student_{arch_slug(name)}"  # as the search names them
-        stage = Stage("student", label, path, cfg["DEVICE"], {"teacher": teacher.fingerprint}, distiller.meta)
-        students[name] = distiller.fit(stage, ResNet(**spec["kwargs"]), distiller.recipe(cfg["KD_LR"],
-                                                                                          cfg["KD_EPOCHS"]))
+        stage = Stage("student", label, student_path(cfg, name), cfg["DEVICE"], {"teacher": teacher.fingerprint},
+                      distiller.meta)
+        students[name] = distiller.fit(stage, student, distiller.recipe(cfg["KD_LR"], cfg["KD_EPOCHS"]))
     return students
 
 

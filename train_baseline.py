@@ -15,7 +15,7 @@ from utils.data import load_dataset, train_val_split
 from utils.device import AMP_DTYPES, pick_device
 from utils.files import out_dir_lock
 from utils.measure import model_accuracy
-from utils.models import ARCHS, ResNet, model_spec, zero_init_residual
+from utils.models import ARCHS, ResNet, zero_init_residual
 from utils.train import Stage, TrainRecipe, cross_entropy_objective, fit
 
 # -----------------------------------------------------------------------------------------------
@@ -68,8 +68,7 @@ def load_splits(cfg):
 def build(cfg, classes):
     """The model and its recipe: SGD + Nesterov, one-cycle learning rate, label smoothing, weight decay on the
     weights only, each residual block starting as the identity (utils.models.zero_init_residual)."""
-    spec = model_spec(**ARCHS[cfg["ARCH"]], num_classes=len(classes))
-    model = zero_init_residual(ResNet(**spec["kwargs"])).to(cfg["DEVICE"])
+    model = zero_init_residual(ResNet(**ARCHS[cfg["ARCH"]], num_classes=len(classes))).to(cfg["DEVICE"])
     if cfg["CHANNELS_LAST"]:
         model = model.to(memory_format=torch.channels_last)
     print(f"model: {cfg['ARCH']}, {sum(p.numel() for p in model.parameters()):,} parameters, on {cfg['DEVICE']}")

@@ -13,6 +13,7 @@ import statistics
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .data import batches
@@ -118,7 +119,6 @@ def paired_drops(base, other, resamples=10000, seed=0):
     correctness). Only the images where the two disagree move the difference, so resampling the images is
     drawing, from a multinomial, how many of them fall where base alone is right (b) and where other alone is
     right (c): drop = (b - c) / n. Deterministic for a seed."""
-    import numpy as np
     n = len(base)
     b, c = int((base & ~other).sum()), int((~base & other).sum())
     draws = np.random.default_rng(seed).multinomial(n, [b / n, c / n, 1 - (b + c) / n], size=resamples)
@@ -127,7 +127,6 @@ def paired_drops(base, other, resamples=10000, seed=0):
 
 def paired_drop_interval(base, other):
     """95% paired bootstrap interval (points) of accuracy(base) - accuracy(other) (paired_drops)."""
-    import numpy as np
     drops = paired_drops(base, other)
     return [float(np.percentile(drops, 2.5)), float(np.percentile(drops, 97.5))]
 
@@ -136,7 +135,6 @@ def paired_drop_bound(base, other):
     """The drop (points) of `other` against `base` that is exceeded with 5% chance only: the one-sided 95% upper
     bound of paired_drops. The search keeps a candidate when this is within MAX_ACC_DROP, so that validation
     noise alone does not let a model through that loses more on other images."""
-    import numpy as np
     return float(np.percentile(paired_drops(base, other), 95))
 
 
