@@ -15,7 +15,7 @@ from utils.data import load_dataset, train_val_split
 from utils.device import AMP_DTYPES, pick_device
 from utils.files import out_dir_lock
 from utils.measure import model_accuracy
-from utils.models import ARCHS, ResNet, zero_init_residual
+from utils.models import ARCHS, ResNet, whiten_stem, zero_init_residual
 from utils.train import Stage, TrainRecipe, cross_entropy_objective, fit
 
 # -----------------------------------------------------------------------------------------------
@@ -32,6 +32,8 @@ LR = 0.2                     # peak learning rate of the one-cycle schedule
 MOMENTUM = 0.9               # SGD Nesterov momentum
 WEIGHT_DECAY = 5e-4          # L2 penalty of conv and linear weights (none on BN and biases)
 LABEL_SMOOTHING = 0.2        # cross-entropy label smoothing, 0 to 1
+WHITEN_STEM = False          # stem conv set to the whitening of its input patches and frozen (airbench's init)
+WHITEN_IMAGES = 5000         # training images whose patches the whitening is computed on
 VAL_SIZE = 5000              # training images held out for validation (all choices; the test split only reports)
 TRAIN_SUBSET = 0             # train on the first N images of the training split only (0 = all); for quick tries
 CHANNELS_LAST = True         # channels-last memory format (faster convolutions on CPU and GPU)
@@ -48,6 +50,7 @@ def check_config(cfg):
     for name in ("EPOCHS", "BATCH_SIZE", "VAL_SIZE"):
         check_range(cfg, name, 1, 10**9)
     check_range(cfg, "TRAIN_SUBSET", 0, 10**9)
+    check_range(cfg, "WHITEN_IMAGES", 1, 10**9)
     check_range(cfg, "LR", 0, 10, low_open=True)
     check_range(cfg, "LABEL_SMOOTHING", 0, 1, high_open=True)
     check_range(cfg, "MOMENTUM", 0, 1, high_open=True)
@@ -65,10 +68,14 @@ def load_splits(cfg):
     return train.to(cfg["DEVICE"]), val.to(cfg["DEVICE"])
 
 
-def build(cfg, classes):
+def build(cfg, train):
     """The model and its recipe: SGD + Nesterov, one-cycle learning rate, label smoothing, weight decay on the
-    weights only, each residual block starting as the identity (utils.models.zero_init_residual)."""
-    model = zero_init_residual(ResNet(**ARCHS[cfg["ARCH"]], num_classes=len(classes))).to(cfg["DEVICE"])
+    weights only, each residual block starting as the identity (utils.models.zero_init_residual), with
+    WHITEN_STEM the stem whitening the first WHITEN_IMAGES training images' patches (utils.models.whiten_stem)."""
+    model = zero_init_residual(ResNet(**ARCHS[cfg["ARCH"]], num_classes=len(train.classes)))
+    if cfg["WHITEN_STEM"]:
+        whiten_stem(model, train.x[:cfg["WHITEN_IMAGES"]].cpu())
+    model = model.to(cfg["DEVICE"])
     if cfg["CHANNELS_LAST"]:
         model = model.to(memory_format=torch.channels_last)
     print(f"model: {cfg['ARCH']}, {sum(p.numel() for p in model.parameters()):,} parameters, on {cfg['DEVICE']}")
@@ -84,10 +91,12 @@ def main(argv):
     torch.manual_seed(cfg["SEED"])
     with out_dir_lock(cfg["OUT_DIR"], "train_baseline.py"):
         train, val = load_splits(cfg)
-        model, recipe = build(cfg, train.classes)
+        model, recipe = build(cfg, train)
         # Train (resumes an unfinished OUT_DIR/baseline.pth), checkpointing every epoch
         path = os.path.join(cfg["OUT_DIR"], ARTIFACTS["baseline"])
         made_from = {k: cfg[k] for k in ("ARCH", "LABEL_SMOOTHING", "VAL_SIZE", "TRAIN_SUBSET")}
+        if cfg["WHITEN_STEM"]:  # only then, so that checkpoints made before the option still resume
+            made_from.update({k: cfg[k] for k in ("WHITEN_STEM", "WHITEN_IMAGES")})
         stage = Stage("baseline", "baseline", path, cfg["DEVICE"], made_from, {"classes": train.classes, "config": cfg})
         t0 = time.time()
         progress = fit(model, cross_entropy_objective(cfg["LABEL_SMOOTHING"]), recipe, train, val, stage)

@@ -11,7 +11,7 @@ from utils.prune import magnitude_masks, make_pruning_permanent, prunable_layers
 from utils.config import UserError, parse_flags
 from utils.data import Split, batches, fixed_views
 from utils.measure import accuracy_interval, paired_drop_bound, paired_drop_interval
-from utils.models import ResNet, build_model, parse_arch
+from utils.models import ResNet, build_model, parse_arch, whiten_stem
 from utils.search import SearchContext
 from utils.train import (Stage, TrainRecipe, cross_entropy_objective, distillation_objective, fit, kd_loss,
                          teacher_logits)
@@ -180,3 +180,18 @@ def test_cached_teacher_logits_are_the_teachers_on_the_fixed_views():
     student = tiny_model()
     loss = distillation_objective(no_teacher, 4.0, 0.9, cached)(student, batch)
     assert loss.item() == pytest.approx(kd_loss(student(batch.x), cached[2, batch.idx], batch.y, 4.0, 0.9).item())
+
+
+def test_whitened_stem_decorrelates_its_input_patches_and_is_frozen():
+    torch.manual_seed(0)
+    model = ResNet(**parse_arch("resnet18_s2"))
+    before = model.conv1.weight.detach().clone()
+    images = (torch.rand(64, 3, 32, 32) * 255).to(torch.uint8)
+    whiten_stem(model, images)
+    weight = model.conv1.weight
+    assert not weight.requires_grad and torch.equal(weight[54:], before[54:])  # 27 components and their negatives
+    assert torch.equal(weight[27:54], -weight[:27])
+    x = (images.float() / 255 - model.mean) / model.std
+    out = torch.nn.functional.conv2d(x, weight[:27], stride=2, padding=1).transpose(0, 1).flatten(1)
+    cov = torch.cov(out.double())
+    assert torch.allclose(cov, torch.eye(27, dtype=torch.float64), atol=1e-2)

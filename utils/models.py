@@ -119,6 +119,24 @@ def zero_init_residual(model):
     return model
 
 
+@torch.no_grad()
+def whiten_stem(model, images, eps=5e-4):
+    """Set the stem conv's first filters to the whitening of its input patches (each principal component of the
+    patches over its standard deviation, then the same negated; largest first) and freeze the whole conv
+    (airbench's whitening initialisation). images: uint8 (N, 3, H, W) training images. Returns the model."""
+    conv = model.conv1
+    x = (images.float().div(255) - model.mean.cpu()) / model.std.cpu()
+    patches = nn.functional.unfold(x, conv.kernel_size, padding=conv.padding, stride=conv.stride)  # (N, C*k*k, L)
+    eigvals, eigvecs = torch.linalg.eigh(torch.cov(patches.transpose(0, 1).flatten(1).double()))
+    pcs = (eigvecs.T / (eigvals.clamp(min=0) + eps).sqrt()[:, None]).flip(0)
+    filters = torch.cat([pcs, -pcs])[:conv.out_channels]
+    weight = conv.weight.detach().cpu().clone()
+    weight[:len(filters)] = filters.view(-1, *weight.shape[1:]).to(weight.dtype)
+    conv.weight.copy_(weight)
+    conv.weight.requires_grad_(False)
+    return model
+
+
 def make_stage(inplanes, width, mids, stride):
     """len(mids) blocks; the first changes stride and width (with a 1x1 conv shortcut when it must)."""
     downsample = None
