@@ -190,14 +190,20 @@ def add_comparisons(rows):
         row["accuracy_drop"] = base["accuracy"] - row["accuracy"]
 
 
+def choice_summary(search):
+    """What the search (search.json) chose, and whether it met the budget."""
+    within = "within" if search.get("budget_met") else "NOT within"
+    return (f"chose {search['chosen']} of {len(search['candidates'])} candidates (OBJECTIVE={search['objective']}, "
+            f"student {search.get('student')}, {within} MAX_ACC_DROP={search.get('max_acc_drop')} by the paired 95% "
+            f"bound on validation)")
+
+
 def draw(search, cfg):
     """pareto.png (the search's candidates against size and speed) and training.png (metrics.jsonl)."""
     out = cfg["OUT_DIR"]
     plot_pareto(search, os.path.join(out, "pareto.png"))
     drew = plot_training(os.path.join(out, _METRICS_FILE), os.path.join(out, "training.png"))
-    print(f"search: chose {search['chosen']} of {len(search['candidates'])} candidates "
-          f"(OBJECTIVE={search['objective']}, student {search.get('student')}, within MAX_ACC_DROP="
-          f"{search.get('max_acc_drop')} by the paired 95% bound on validation); Pareto fronts in "
+    print(f"search: {choice_summary(search)}; Pareto fronts in "
           f"{out}/pareto.png{'; training curves in ' + out + '/training.png' if drew else ''}")
 
 

@@ -93,6 +93,9 @@ def test_flags_take_the_type_of_their_default():
                       ["--EPOCHS=5", "--LR", "1", "--NAME=a b", "--FLAG=False"])
     assert cfg == {"EPOCHS": 5, "LR": 1.0, "NAME": "a b", "FLAG": False}
     assert isinstance(cfg["LR"], float)
+    # booleans also as the printed config writes them
+    assert parse_flags({"FLAG": False}, ["--FLAG=true"]) == {"FLAG": True}
+    assert parse_flags({"FLAG": True}, ["--FLAG=false"]) == {"FLAG": False}
 
 
 def test_config_layers_defaults_profile_environment_flags(monkeypatch):
@@ -195,3 +198,11 @@ def test_whitened_stem_decorrelates_its_input_patches_and_is_frozen():
     out = torch.nn.functional.conv2d(x, weight[:27], stride=2, padding=1).transpose(0, 1).flatten(1)
     cov = torch.cov(out.double())
     assert torch.allclose(cov, torch.eye(27, dtype=torch.float64), atol=1e-2)
+
+
+def test_the_summary_says_when_the_choice_missed_the_budget():
+    from evaluate_results import choice_summary
+    search = {"chosen": "student", "candidates": [{}, {}], "objective": "balanced", "student": "resnet20",
+              "max_acc_drop": 0.5, "budget_met": False}
+    assert "NOT within MAX_ACC_DROP=0.5" in choice_summary(search)
+    assert ", within MAX_ACC_DROP=0.5" in choice_summary({**search, "budget_met": True})

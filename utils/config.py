@@ -35,6 +35,8 @@ def parse_value(name, text, default):
     """Turn a flag's text into the type of its default; raise UserError when it does not fit."""
     if isinstance(default, str):
         return text
+    if isinstance(default, bool) and text.lower() in ("true", "false"):  # as the printed config writes them
+        return text.lower() == "true"
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
