@@ -4,6 +4,7 @@ One class covers every network the pipeline makes:
   stem="imagenet": 7x7 stride-2 conv + max-pool, the layers of torchvision's stock resnet18 (8x8 maps at layer1 on 32x32)
   stem="cifar":    3x3 stride-1 conv, no max-pool (the CIFAR ResNet-18 and ResNet-20, 32x32 maps at layer1)
   stem="stride2":  3x3 stride-2 conv, no max-pool (16x16 maps at layer1)
+  stem="pool":     3x3 stride-1 conv + 2x2 max-pool (16x16 maps at layer1; the stem itself at 32x32)
 `widths` and `blocks` set the channels and depth of each stage (four stages: ResNet-18; three stages of three
 blocks at 16-32-64: the CIFAR ResNet-20), so a student is the same code. `mids` (one per block) sets each block's
 inner width: structured pruning removes inner channels and records the new widths there.
@@ -15,13 +16,14 @@ from torchvision.models.resnet import conv1x1, conv3x3
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-STEMS = ("imagenet", "cifar", "stride2")
+STEMS = ("imagenet", "cifar", "stride2", "pool")
 
 # Named architectures: the constructor arguments each name stands for.
 ARCHS = {
     "resnet18_stock": dict(stem="imagenet", widths=(64, 128, 256, 512)),
     "resnet18_cifar": dict(stem="cifar", widths=(64, 128, 256, 512)),
     "resnet18_s2": dict(stem="stride2", widths=(64, 128, 256, 512)),
+    "resnet18_pool": dict(stem="pool", widths=(64, 128, 256, 512)),
     "resnet20": dict(stem="cifar", widths=(16, 32, 64), blocks=(3, 3, 3)),
     "resnet20_w32": dict(stem="cifar", widths=(32, 64, 128), blocks=(3, 3, 3)),
     "resnet_s2_w32": dict(stem="stride2", widths=(32, 64, 128, 256)),
@@ -53,6 +55,9 @@ def make_stem(stem, width):
     if stem == "imagenet":
         return [nn.Conv2d(3, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
                 nn.MaxPool2d(3, 2, 1)]
+    if stem == "pool":
+        return [nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+                nn.MaxPool2d(2)]
     stride = 1 if stem == "cifar" else 2
     return [nn.Conv2d(3, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
             nn.Identity()]
