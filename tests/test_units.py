@@ -158,9 +158,11 @@ def test_resnet20_is_the_cifar_resnet20_and_arch_specs_parse():
     assert sum(p.numel() for p in model.parameters()) == 272_474  # He et al.'s 0.27 M (with shortcut convs)
     assert model.stages == ["layer1", "layer2", "layer3"] and model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
     assert parse_arch("cifar:16-32-64:3") == {**parse_arch("resnet20"), "widths": (16, 32, 64)}
+    pooled = ResNet(**parse_arch("resnet18_pool"))  # the max-pool stem: 16x16 maps in layer1 on 32x32 input
+    assert pooled.layer1(pooled.maxpool(pooled.conv1(torch.rand(1, 3, 32, 32)))).shape == (1, 64, 16, 16)
     rebuilt = build_model(model.spec)
     assert rebuilt.spec == model.spec
-    for bad in ("resnet99", "cifar:16-32", "pool:16-32:1", "cifar:16-x:1", ""):
+    for bad in ("resnet99", "cifar:16-32", "avgpool:16-32:1", "cifar:16-x:1", ""):
         with pytest.raises(ValueError):
             parse_arch(bad)
 
