@@ -53,7 +53,7 @@ MAX_ACC_DROP = 0.5           # points of accuracy the final INT8 model may lose 
 OBJECTIVE = "balanced"       # size | latency | balanced: what the search minimises within MAX_ACC_DROP
 PROFILE = "auto"             # auto | cpu | gpu: defaults below for the CPU, replaced by _PROFILES["gpu"] on CUDA
 DEVICE = "auto"              # auto | cpu | cuda
-STUDENTS = "resnet20"         # comma-separated utils.models.ARCHS names or stem:widths:blocks specs, each
+STUDENTS = "resnet20"        # comma-separated utils.models.ARCHS names or stem:widths:blocks specs, each
                              # distilled, the search picking one; resnet20: CIFAR ResNet-20 (16-32-64, 32x32 maps,
                              # 0.27 M parameters); resnet_s2_w32: the baseline's shape at half width (2.8 M, 16x16)
 KD_EPOCHS = 20               # distillation epochs of each student (resnet20: about 16 min on 2 cores)

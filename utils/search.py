@@ -126,10 +126,11 @@ def quantize_within_budget(float_onnx, int8_path, ctx, int8_drops, max_float_lay
         correct = ort_correct(int8_path, ctx.val)
         if ctx.judge(correct)[2]:
             return correct, keep
-    if tries[-1]:  # the last try kept layers in float and missed too: back to plain INT8
-        quantize_int8(float_onnx, int8_path, ctx.quant)
-        correct = ort_correct(int8_path, ctx.val)
-    return correct, []
+        if not keep:
+            plain = correct  # the first try, plain INT8
+    if tries[-1]:  # the last try kept layers in float and missed too: the file back to plain INT8, which is
+        quantize_int8(float_onnx, int8_path, ctx.quant)  # deterministic, so its correctness is the first try's
+    return plain, []
 
 
 def shared_latency(name, int8_path, shape, ctx):
