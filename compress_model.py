@@ -56,7 +56,7 @@ DEVICE = "auto"              # auto | cpu | cuda
 STUDENTS = "resnet20"        # comma-separated utils.models.ARCHS names or stem:widths:blocks specs, each
                              # distilled, the search picking one; resnet20: CIFAR ResNet-20 (16-32-64, 32x32 maps,
                              # 0.27 M parameters); resnet_s2_w32: the baseline's shape at half width (2.8 M, 16x16)
-KD_EPOCHS = 20               # distillation epochs of each student (resnet20: about 16 min on 2 cores)
+KD_EPOCHS = 30               # distillation epochs of each student (resnet20: about 24 min on 2 cores)
 TEACHER_VIEWS = 6            # fixed augmentations of each training image the teacher's logits are computed on once
                              # and every training epoch reuses (0: run the teacher on every batch)
 KD_TEMPERATURE = 4.0         # T: softening of both models' logits
@@ -65,6 +65,7 @@ KD_LR = 0.2                  # peak one-cycle learning rate of distillation
 BATCH_SIZE = 256             # images per step (distillation and fine-tuning)
 MOMENTUM = 0.9               # SGD Nesterov momentum
 WEIGHT_DECAY = 5e-4          # L2 penalty
+LOOKAHEAD = 0                # 0: off; K: Lookahead every K steps in distillation and fine-tuning (utils.train)
 SENS_IMAGES = 2000           # validation images of the sensitivity analysis (the search judges on all of them)
 STRUCT_MAX = 0.6             # largest fraction of the blocks' inner weights structured pruning removes, 0 to <1
 STRUCT_STEPS = 3             # structured candidates, evenly spaced up to STRUCT_MAX, each pruned from the last
@@ -108,7 +109,7 @@ def check_config(cfg):
                  "CHANNEL_MULTIPLE"):
         check_range(cfg, name, 1, 10**9)
     for name in ("KD_EPOCHS", "TEACHER_VIEWS", "STRUCT_STEPS", "STRUCT_EPOCHS", "AGP_STEPS", "AGP_EPOCHS",
-                 "FINAL_EPOCHS", "MAX_FLOAT_LAYERS"):
+                 "FINAL_EPOCHS", "MAX_FLOAT_LAYERS", "LOOKAHEAD"):
         check_range(cfg, name, 0, 10**9)
     for name in ("STRUCT_MAX", "SPARSITY"):
         check_range(cfg, name, 0, 1, high_open=True)
@@ -145,7 +146,7 @@ class Distiller:
         c = self.cfg
         return TrainRecipe(lr=lr, epochs=epochs, batch_size=c["BATCH_SIZE"], momentum=c["MOMENTUM"],
                            weight_decay=c["WEIGHT_DECAY"], seed=c["SEED"], channels_last=c["CHANNELS_LAST"],
-                           amp_dtype=c["AMP_DTYPE"], views=c["TEACHER_VIEWS"])
+                           amp_dtype=c["AMP_DTYPE"], views=c["TEACHER_VIEWS"], lookahead=c["LOOKAHEAD"])
 
     def fit(self, stage, model, recipe):
         model = model.to(self.cfg["DEVICE"])

@@ -33,6 +33,7 @@ LR = 0.2                     # peak learning rate of the one-cycle schedule
 MOMENTUM = 0.9               # SGD Nesterov momentum
 WEIGHT_DECAY = 5e-4          # L2 penalty of conv and linear weights (none on BN and biases)
 LABEL_SMOOTHING = 0.2        # cross-entropy label smoothing, 0 to 1
+LOOKAHEAD = 0                # 0: off; K: Lookahead every K steps towards slow weights (utils.train.Lookahead)
 WHITEN_STEM = False          # stem conv set to the whitening of its input patches and frozen (airbench's init)
 WHITEN_IMAGES = 5000         # training images whose patches the whitening is computed on
 VAL_SIZE = 5000              # training images held out for validation (all choices; the test split only reports)
@@ -51,6 +52,7 @@ def check_config(cfg):
     for name in ("EPOCHS", "BATCH_SIZE", "VAL_SIZE"):
         check_range(cfg, name, 1, 10**9)
     check_range(cfg, "TRAIN_SUBSET", 0, 10**9)
+    check_range(cfg, "LOOKAHEAD", 0, 10**6)
     check_range(cfg, "WHITEN_IMAGES", 1, 10**9)
     check_range(cfg, "LR", 0, 10, low_open=True)
     check_range(cfg, "LABEL_SMOOTHING", 0, 1, high_open=True)
@@ -82,7 +84,7 @@ def build(cfg, train):
     print(f"model: {cfg['ARCH']}, {sum(p.numel() for p in model.parameters()):,} parameters, on {cfg['DEVICE']}")
     recipe = TrainRecipe(lr=cfg["LR"], epochs=cfg["EPOCHS"], batch_size=cfg["BATCH_SIZE"], momentum=cfg["MOMENTUM"],
                          weight_decay=cfg["WEIGHT_DECAY"], seed=cfg["SEED"], channels_last=cfg["CHANNELS_LAST"],
-                         amp_dtype=cfg["AMP_DTYPE"])
+                         amp_dtype=cfg["AMP_DTYPE"], lookahead=cfg["LOOKAHEAD"])
     return model, recipe
 
 

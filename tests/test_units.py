@@ -13,8 +13,8 @@ from utils.data import Split, batches, fixed_views
 from utils.measure import accuracy_interval, paired_drop_bound, paired_drop_interval
 from utils.models import ResNet, build_model, parse_arch, whiten_stem
 from utils.search import SearchContext
-from utils.train import (Stage, TrainRecipe, cross_entropy_objective, distillation_objective, fit, kd_loss,
-                         teacher_logits)
+from utils.train import (Lookahead, Stage, TrainRecipe, cross_entropy_objective, distillation_objective, fit,
+                         kd_loss, teacher_logits)
 
 
 def test_kd_loss_matches_hand_computation():
@@ -62,6 +62,51 @@ def test_per_layer_pruning_is_exact_and_kept_through_finetuning(tmp_path):
     assert weight_sparsity(model) == expected
     saved = load_model(load_checkpoint(str(tmp_path / "p.pth"), "pruned"), "p.pth")
     assert weight_sparsity(saved) == expected
+
+
+def test_lookahead_pulls_towards_slow_weights_and_ends_on_them():
+    model = torch.nn.Linear(2, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    lookahead = Lookahead(model, every=2, step=0, total=4)
+    with torch.no_grad():
+        model.weight += 1.0                      # what one optimizer step would do
+    lookahead.after_step()                      # step 1: between syncs, nothing happens
+    assert torch.equal(model.weight, torch.ones(1, 2))
+    lookahead.after_step()                      # step 2: slow moves by 1 - 0.95**2 * (2/4)**3, fast follows
+    expected = 1 - 0.95 ** 2 * 0.5 ** 3
+    assert torch.allclose(model.weight, torch.full((1, 2), expected))
+    with torch.no_grad():
+        model.weight += 1.0
+    lookahead.after_step(epoch_end=True)        # step 3: an epoch's end syncs too
+    assert torch.allclose(model.weight, lookahead.slow[0]) and model.weight[0, 0] < expected + 1
+    with torch.no_grad():
+        model.weight += 5.0
+    lookahead.after_step()                      # the last step discards the fast weights' last moves
+    assert torch.equal(model.weight, lookahead.slow[0]) and model.weight[0, 0] < expected + 2
+
+
+def test_training_with_lookahead_resumes_exactly(tmp_path):
+    """Interrupted in its second epoch and run again, a Lookahead training ends with the same weights."""
+    recipe = TrainRecipe(lr=0.05, epochs=3, batch_size=16, momentum=0.9, weight_decay=5e-4, seed=0, lookahead=3)
+    objective = cross_entropy_objective(0.1)
+    straight = tiny_model()
+    fit(straight, objective, recipe, tiny_data(), tiny_data(16, 1), Stage("student", "s", str(tmp_path / "a.pth"), "cpu"))
+    calls = []
+
+    def crashing(model, batch):
+        calls.append(1)
+        if len(calls) == 6:                     # the second of the second epoch's 4 steps
+            raise KeyboardInterrupt
+        return objective(model, batch)
+    stage = Stage("student", "s", str(tmp_path / "b.pth"), "cpu")
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_model(), crashing, recipe, tiny_data(), tiny_data(16, 1), stage)
+    resumed = tiny_model()
+    progress = fit(resumed, objective, recipe, tiny_data(), tiny_data(16, 1), stage)
+    assert progress.finished and [r["epoch"] for r in progress.history] == [1, 2, 3]
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert not torch.equal(straight.state_dict()["fc.weight"], tiny_model().state_dict()["fc.weight"])
 
 
 def test_checkpoint_round_trip_rebuilds_the_architecture(tmp_path):

@@ -32,6 +32,8 @@ class TrainRecipe:
     amp_dtype: str = "float32"   # autocast dtype of the forward pass: float32 | bfloat16 | float16
     views: int = 0               # 0: a fresh random augmentation every epoch; K: the K fixed views of
                                  # data.fixed_views(N, K, seed), epoch e showing view e % K (cached teacher logits)
+    lookahead: int = 0           # 0: off; K: every K steps the weights are pulled towards a slow copy of them, more so
+                                 # as training ends (Lookahead as airbench uses it; see `Lookahead`)
 
 
 @dataclass
@@ -106,16 +108,42 @@ def sgd_one_cycle(model, recipe, steps_per_epoch):
     return opt, sched
 
 
-def train_one_epoch(model, objective, optimizer, scheduler, loader, total, desc):
+class Lookahead:
+    """Slow weights that every `every` steps move towards the trained ("fast") weights by 1 - decay and replace
+    them, decay = LOOKAHEAD_BASE ** every * (step / total) ** 3: no averaging at the start, strong averaging as the
+    learning rate anneals; the last step leaves the model at the slow weights. Float buffers (BN statistics) are
+    averaged too. Synced at each epoch's end as well, so a checkpoint holds the slow weights and a resumed run
+    starts its slow copy from them."""
+    BASE = 0.95
+
+    def __init__(self, model, every, step, total):
+        self.every, self.step, self.total = every, step, total
+        self.fast = [t for t in model.state_dict().values() if t.is_floating_point()]
+        self.slow = [t.detach().clone() for t in self.fast]
+
+    @torch.no_grad()
+    def after_step(self, epoch_end=False):
+        self.step += 1
+        if self.step % self.every and not epoch_end and self.step < self.total:
+            return
+        decay = 1.0 if self.step >= self.total else self.BASE ** self.every * (self.step / self.total) ** 3
+        for slow, fast in zip(self.slow, self.fast):
+            slow.lerp_(fast, 1 - decay)
+            fast.copy_(slow)
+
+
+def train_one_epoch(model, objective, optimizer, scheduler, loader, total, desc, lookahead=None):
     model.train()
     running, seen = 0.0, 0
     bar = tqdm(loader, total=total, desc=desc, unit="batch", leave=False, mininterval=1.0)
-    for batch in bar:
+    for i, batch in enumerate(bar, 1):
         loss = objective(model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if lookahead is not None:
+            lookahead.after_step(epoch_end=i == total)
         running += loss.item() * len(batch.y)
         seen += len(batch.y)
         bar.set_postfix(loss=f"{running / seen:.3f}", refresh=False)
@@ -157,12 +185,17 @@ def fit(model, objective, recipe, train, val, stage):
     checkpoint made from the same recipe and inputs is resumed; a finished one is loaded. Returns the Progress."""
     steps = num_batches(len(train[0]), recipe.batch_size, train=True)
     optimizer, scheduler = sgd_one_cycle(model, recipe, steps)
+    key = dataclasses.asdict(recipe)
+    if not recipe.lookahead:  # left out when off, so that checkpoints made before the option still resume
+        del key["lookahead"]
     meta = {**stage.meta, "stage": stage.kind, "label": stage.label, "model": model.spec,
-            "resume_key": {**dataclasses.asdict(recipe), **stage.made_from}}
+            "resume_key": {**key, **stage.made_from}}
     progress = resume(model, optimizer, scheduler, stage, meta, recipe.epochs)
     if progress.finished and progress.history:
         return progress
     views = fixed_views(len(train[0]), recipe.views, recipe.seed) if recipe.views else None
+    lookahead = (Lookahead(model, recipe.lookahead, progress.epoch * steps, recipe.epochs * steps)
+                 if recipe.lookahead else None)
     for epoch in range(progress.epoch, recipe.epochs):
         t0 = time.time()
         gen = torch.Generator().manual_seed(recipe.seed * 1000 + epoch)
@@ -172,7 +205,7 @@ def fit(model, objective, recipe, train, val, stage):
         lr = scheduler.get_last_lr()[0]
         with autocast(stage.device, recipe.amp_dtype):
             loss = train_one_epoch(model, objective, optimizer, scheduler, loader, steps,
-                                   f"{stage.label} {epoch + 1}/{recipe.epochs}")
+                                   f"{stage.label} {epoch + 1}/{recipe.epochs}", lookahead)
         train_s = time.time() - t0
         val_acc = model_accuracy(model, val, stage.device, max(recipe.batch_size, 256), recipe.amp_dtype)
         record = {"epoch": epoch + 1, "loss": loss, "val_accuracy": val_acc, "seconds": time.time() - t0}
