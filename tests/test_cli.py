@@ -124,6 +124,23 @@ def test_missing_and_empty_data_folders(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "runs").exists() or no_temp_files(tmp_path / "runs")
 
 
+def test_a_failed_download_names_the_full_path_and_leaves_no_empty_folders(tmp_path, capsys, monkeypatch):
+    """Offline with DOWNLOAD=True (the default) and a DATA_DIR that is not there, e.g. a relative path run from
+    another folder: one line with the absolute path, and the folders the attempt made are gone again."""
+    import torchvision.datasets
+
+    class Offline:
+        def __init__(self, root, train, download):
+            os.makedirs(os.path.join(root, "cifar-10-batches-py"))
+            raise OSError("Name or service not known")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", Offline)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli(train_baseline.main, ["--DATA_DIR=shared/data/cifar10", "--OUT_DIR=runs"], capsys, monkeypatch)
+    assert_one_line_error(code, err, "could not download CIFAR-10", str(tmp_path / "shared" / "data" / "cifar10"),
+                          "Name or service not known")
+    assert not (tmp_path / "shared").exists()
+
+
 @pytest.mark.parametrize("script, argv, words", [
     (train_baseline, ["--EPOCS=3"], ["unknown constant --EPOCS"]),
     (train_baseline, ["--EPOCHS=three"], ["--EPOCHS expects int"]),

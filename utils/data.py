@@ -98,16 +98,29 @@ def read_pickle(path):
         return PlainDataUnpickler(f, encoding="latin1").load()
 
 
+def outermost_missing(path):
+    """The outermost folder on the way to `path` that does not exist yet (None when `path` exists)."""
+    path, missing = os.path.abspath(path), None
+    while not os.path.exists(path):
+        path, missing = os.path.dirname(path), path
+    return missing
+
+
 def load_cifar10(data_dir, download):
     """Read torchvision's CIFAR-10 layout (cifar-10-batches-py/); torchvision downloads it first if needed."""
     folder = os.path.join(data_dir, "cifar-10-batches-py")
     if not os.path.isdir(folder):
         from torchvision.datasets import CIFAR10
+        made = outermost_missing(data_dir)
         try:
             CIFAR10(data_dir, train=True, download=download)
         except Exception as e:  # offline, interrupted download, failed integrity check
-            raise UserError(f"could not download CIFAR-10 into {data_dir} ({type(e).__name__}: {e}); offline, "
-                            f"set DATA_DIR to a local copy (CIFAR-10 or ImageFolder layout)") from None
+            for root, _, _ in (os.walk(made, topdown=False) if made else ()):
+                if not os.listdir(root):  # the empty folders the attempt made; a partial download is kept
+                    os.rmdir(root)
+            raise UserError(f"could not download CIFAR-10 into {data_dir} ({os.path.abspath(data_dir)}: "
+                            f"{type(e).__name__}: {e}); offline, set DATA_DIR to a local copy (CIFAR-10 or "
+                            f"ImageFolder layout)") from None
     try:
         classes = read_pickle(os.path.join(folder, "batches.meta"))["label_names"]
         train = [read_pickle(os.path.join(folder, f"data_batch_{i}")) for i in range(1, 6)]

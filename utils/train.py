@@ -110,7 +110,7 @@ def sgd_one_cycle(model, recipe, steps_per_epoch):
 
 class Lookahead:
     """Slow weights that every `every` steps move towards the trained ("fast") weights by 1 - decay and replace
-    them, decay = LOOKAHEAD_BASE ** every * (step / total) ** 3: no averaging at the start, strong averaging as the
+    them, decay = BASE ** every * (step / total) ** 3: no averaging at the start, strong averaging as the
     learning rate anneals; the last step leaves the model at the slow weights. Float buffers (BN statistics) are
     averaged too. Synced at each epoch's end as well, so a checkpoint holds the slow weights and a resumed run
     starts its slow copy from them."""
