@@ -1,6 +1,7 @@
 """The compression pieces of the search on tiny models: structured pruning that rebuilds, sparse storage that
 restores bit-exact weights, the ratio allocation, the AGP schedule, and the budget logic."""
 import os
+from types import SimpleNamespace
 
 import onnx
 import pytest
@@ -142,3 +143,34 @@ def test_int8_fallback_keeps_the_most_sensitive_layers_in_float_until_the_budget
     correct, keep = quantize_within_budget(float_onnx, int8_path, ctx, drops, max_float_layers=4)
     assert tried == [[], ranked[:1], ranked[:2], ranked[:4], []] and keep == []
     assert float_weights(int8_path) == set()
+
+
+@pytest.mark.parametrize("fallback_keeps", [[], ["fc"]])
+def test_the_student_remeasured_with_the_int8_fallback_is_logged_only_when_it_differs(monkeypatch, fallback_keeps):
+    """Outside the budget, the picked student is measured again with layers kept in float (its sensitivities are
+    known only now); when no float layers help, that is the same INT8 model and is not a second candidate."""
+    walked_from = []
+    monkeypatch.setattr(search, "structured_walk", lambda s, start, curves: walked_from.append(start.name) or start)
+    monkeypatch.setattr(search, "agp_walk", lambda s, start, curves: None)
+
+    class Searched:
+        ctx, plan = SimpleNamespace(floor=80.0), SimpleNamespace(objective="size", final_epochs=0)
+
+        def __init__(self):
+            self.candidates = [Candidate({"name": "student", "within_budget": False, "float_val_acc": 85.0,
+                                          "val_acc": 85.0, "arch": "resnet20", "kind": "student"}, None)]
+
+        def add(self, name, model, int8_drops, **info):
+            keep = list(fallback_keeps)
+            self.candidates.append(Candidate({"name": name, "float_layers": keep, "within_budget": bool(keep),
+                                              "val_acc": 85.5 if keep else 85.0, "bytes": 1, "b1_ms": 1.0,
+                                              "b64_ms": 1.0, **info}, model))
+            return self.candidates[-1]
+    searched = Searched()
+    result = search.run_search(searched, searched.candidates[0], SimpleNamespace(int8={"fc": 1.0}, structured={},
+                                                                                 unstructured={}))
+    names = [c.name for c in result.candidates]
+    if fallback_keeps:
+        assert names == ["student", "student_mixed"] and walked_from == ["student_mixed"]
+    else:
+        assert names == ["student"] and walked_from == ["student"] and result.chosen.name == "student"

@@ -294,8 +294,12 @@ def run_search(search, student, sens):
     sens: the student's Sensitivity (utils.sensitivity)."""
     t0, plan = time.time(), search.plan
     if not student.entry["within_budget"] and student.entry["float_val_acc"] >= search.ctx.floor and sens.int8:
-        student = search.add(f"{student.name}_mixed", student.model, sens.int8, kind="student",
-                             arch=student.entry["arch"])
+        mixed = search.add(f"{student.name}_mixed", student.model, sens.int8, kind="student",
+                           arch=student.entry["arch"])
+        if mixed.entry["float_layers"]:  # layers kept in float brought it within: the walks start from it
+            student = mixed
+        else:  # plain INT8 again, the same model as the student's entry: not logged twice
+            search.candidates.remove(mixed)
     student.int8_drops = sens.int8
     kept = structured_walk(search, student, sens.structured)
     if plan.objective != "latency":
