@@ -90,7 +90,8 @@ def test_training_with_lookahead_resumes_exactly(tmp_path):
     recipe = TrainRecipe(lr=0.05, epochs=3, batch_size=16, momentum=0.9, weight_decay=5e-4, seed=0, lookahead=3)
     objective = cross_entropy_objective(0.1)
     straight = tiny_model()
-    fit(straight, objective, recipe, tiny_data(), tiny_data(16, 1), Stage("student", "s", str(tmp_path / "a.pth"), "cpu"))
+    fit(straight, objective, recipe, tiny_data(), tiny_data(16, 1),
+        Stage("student", "s", str(tmp_path / "a.pth"), "cpu"))
     calls = []
 
     def crashing(model, batch):
