@@ -51,8 +51,8 @@ def check_config(cfg):
     check_choice(cfg, "AMP_DTYPE", AMP_DTYPES)
     for name in ("EPOCHS", "BATCH_SIZE", "VAL_SIZE"):
         check_range(cfg, name, 1, 10**9)
-    check_range(cfg, "TRAIN_SUBSET", 0, 10**9)
-    check_range(cfg, "LOOKAHEAD", 0, 10**6)
+    for name in ("TRAIN_SUBSET", "LOOKAHEAD"):
+        check_range(cfg, name, 0, 10**9)
     check_range(cfg, "WHITEN_IMAGES", 1, 10**9)
     check_range(cfg, "LR", 0, 10, low_open=True)
     check_range(cfg, "LABEL_SMOOTHING", 0, 1, high_open=True)
