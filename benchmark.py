@@ -29,22 +29,28 @@ REFERENCE_SECONDS = 30.0     # seconds of the reference workload (0 = skip it)
 # -----------------------------------------------------------------------------------------------
 SCRIPTS = {"train_baseline.py": train_baseline, "compress_model.py": compress_model,
            "evaluate_results.py": evaluate_results}
-# (description, test on rows by stage + timing) per profile
+# (description, test on rows by stage, timing and the search's summary in results.json) per profile
 COMMON_TARGETS = [
-    ("int8 and int8.sparse test accuracy within 0.5 points of the baseline",
-     lambda r, t: max(r["int8"]["accuracy_drop"], r["int8_sparse"]["accuracy_drop"]) <= 0.5),
-    ("int8.sparse >= 25x smaller than the baseline checkpoint", lambda r, t: r["int8_sparse"]["size_ratio"] >= 25.0),
-    ("int8 >= 3x faster at batch 1, same runtime", lambda r, t: r["int8"]["speedup_b1"] >= 3.0),
-    ("int8 >= 3x faster at batch 64, same runtime", lambda r, t: r["int8"]["speedup_b64"] >= 3.0),
+    ("the search within its budget (MAX_ACC_DROP, paired 95% bound on validation)", lambda r, t, s: s["budget_met"]),
+    ("int8 and int8.sparse test accuracy within MAX_ACC_DROP of the baseline",
+     lambda r, t, s: max(r["int8"]["accuracy_drop"], r["int8_sparse"]["accuracy_drop"]) <= s["max_acc_drop"]),
+    ("the shipped model pruned (fewer nonzero weights than the student)",
+     lambda r, t, s: r["pruned"]["nonzero_params"] < r["student"]["nonzero_params"]),
+    ("the distilled student at least as accurate on test as the scratch control",
+     lambda r, t, s: "scratch" in r and r["student"]["accuracy"] >= r["scratch"]["accuracy"]),
 ]
 TARGETS = {
-    "cpu": [("three scripts within 75 minutes", lambda r, t: t["total_s"] <= 75 * 60),
-            ("baseline test accuracy >= 90%", lambda r, t: r["baseline"]["accuracy"] >= 90.0),
-            ("int8.sparse <= 0.30 MiB", lambda r, t: r["int8_sparse"]["size_bytes"] <= 0.30 * 2**20)]
+    "cpu": [("three scripts within 75 minutes (the scratch control apart)", lambda r, t, s: t["total_s"] <= 75 * 60),
+            ("int8.sparse <= 0.25 MiB", lambda r, t, s: r["int8_sparse"]["size_bytes"] <= 0.25 * 2**20),
+            ("int8 >= 5x faster at batch 1, same runtime", lambda r, t, s: r["int8"]["speedup_b1"] >= 5.0),
+            ("int8 >= 5x faster at batch 64, same runtime", lambda r, t, s: r["int8"]["speedup_b64"] >= 5.0)]
            + COMMON_TARGETS,
-    "gpu": [("three scripts within 10 minutes", lambda r, t: t["total_s"] <= 10 * 60),
-            ("baseline training within 3 minutes", lambda r, t: t["train_baseline.py_s"] <= 3 * 60),
-            ("baseline test accuracy >= 94%", lambda r, t: r["baseline"]["accuracy"] >= 94.0)] + COMMON_TARGETS,
+    "gpu": [("three scripts within 10 minutes (the scratch control apart)", lambda r, t, s: t["total_s"] <= 10 * 60),
+            ("baseline training within 3 minutes", lambda r, t, s: t["train_baseline.py_s"] <= 3 * 60),
+            ("baseline test accuracy >= 94%", lambda r, t, s: r["baseline"]["accuracy"] >= 94.0),
+            ("int8 >= 3x faster at batch 1, same runtime", lambda r, t, s: r["int8"]["speedup_b1"] >= 3.0),
+            ("int8 >= 3x faster at batch 64, same runtime", lambda r, t, s: r["int8"]["speedup_b64"] >= 3.0)]
+           + COMMON_TARGETS,
 }
 
 
@@ -106,16 +112,21 @@ def main(argv):
             raise UserError(f"{script} failed with exit status {proc.returncode}")
         timing[f"{script}_s"] = round(time.time() - t0, 1)
         print(f"benchmark: {script} took {timing[f'{script}_s']:.0f}s", flush=True)
-    timing["total_s"] = round(sum(timing.values()), 1)
     with open(os.path.join(out, "results.json")) as f:
         results = json.load(f)
+    # the scratch control runs inside compress_model.py but is no part of the pipeline: its time is reported apart
+    seconds = results["search"]["seconds"]
+    timing["scratch_control_s"] = round(seconds.get("scratch_control", 0.0), 1)
+    timing["compress_model.py_s"] = round(timing["compress_model.py_s"] - timing["scratch_control_s"], 1)
+    timing["total_s"] = round(sum(timing[f"{script}_s"] for script in SCRIPTS), 1)
     rows = {r["stage"]: r for r in results["rows"]}
     profile = results["config"]["PROFILE"]
-    checks = [{"target": name, "met": bool(test(rows, timing))} for name, test in TARGETS[profile]]
-    search_s = results["search"]["seconds"]["sensitivity_and_search"]
+    checks = [{"target": name, "met": bool(test(rows, timing, results["search"]))} for name, test in TARGETS[profile]]
+    search_s = seconds["sensitivity_and_search"]
     timing["sensitivity_and_search_s"] = round(search_s, 1)
     speeds = stage_speeds(out)
-    print(f"benchmark: total {timing['total_s'] / 60:.1f} min on {results['machine']['cpu']} "
+    print(f"benchmark: total {timing['total_s'] / 60:.1f} min (the scratch control "
+          f"{timing['scratch_control_s'] / 60:.1f} min more) on {results['machine']['cpu']} "
           f"({os.cpu_count()} cores{', ' + results['machine']['gpu'] if 'gpu' in results['machine'] else ''}), "
           f"{profile} profile, of which sensitivity analysis and search {search_s / 60:.1f} min")
     for stage, s in speeds.items():

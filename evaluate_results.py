@@ -2,8 +2,9 @@
 
     python evaluate_results.py [--NAME=VALUE ...]
 
-Writes OUT_DIR/results.json and OUT_DIR/results.md and prints the same table; draws pareto.png (the search)
-and training.png (every training stage's curves, from metrics.jsonl). Accuracy is on the whole test split, in
+Writes OUT_DIR/results.json and OUT_DIR/results.md and prints the same table, with every row's gain over the
+scratch control (the student's architecture trained without a teacher) when compress_model.py made one; draws
+pareto.png (the search) and training.png (every training stage's curves, from metrics.jsonl). Accuracy is on the whole test split, in
 float32, on every core (float models on the GPU where DEVICE is cuda); latency is the median over timed runs
 after warm-up with THREADS threads; every float model is also exported to ONNX, so that the baseline and the
 INT8 model are timed on the same runtime. Before any slow work, every artifact is read back and checked: all
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from utils.checkpoint import ARTIFACTS, MADE_BY, load_checkpoint, load_model, count_params, versions
+from utils.checkpoint import ARTIFACTS, CONTROL, MADE_BY, load_checkpoint, load_model, count_params, versions
 from utils.config import UserError, check_range, configure, run_cli
 from utils.data import load_dataset
 from utils.device import pick_device
@@ -40,7 +41,7 @@ RUNS_B64 = 30                # timed runs at batch 64
 WARMUP = 20                  # untimed runs before timing
 EVAL_BATCH = 500             # batch size of the accuracy pass
 # -----------------------------------------------------------------------------------------------
-FLOAT_STAGES = ("baseline", "student", "pruned")
+FLOAT_STAGES = ("baseline", "scratch", "student", "pruned")
 INT8_STAGES = ("int8", "int8_sparse")
 RUN_FILES = ("pruned", "int8", "int8_sparse", "seed_recipe", "search")  # written together by compress_model.py
 
@@ -119,11 +120,15 @@ def check_one_run(artifacts, search, out):
 
 
 def load_artifacts(cfg):
-    """Every stage's artifact read back from disk and checked, before any slow work."""
+    """Every stage's artifact read back from disk and checked, before any slow work; the scratch control after
+    the baseline when the search made one."""
     out = cfg["OUT_DIR"]
     artifacts = {stage: read_artifact(stage, os.path.join(out, name)) for stage, name in ARTIFACTS.items()}
     search = read_search(out)
     check_one_run(artifacts, search, out)
+    if search.get("scratch"):
+        control = {"scratch": read_artifact("scratch", os.path.join(out, CONTROL["scratch"]))}
+        artifacts = {"baseline": artifacts.pop("baseline"), **control, **artifacts}
     return artifacts, search
 
 
@@ -188,6 +193,23 @@ def add_comparisons(rows):
         row["speedup_b1"] = base["latency"][runtime]["b1_ms"] / row["latency_b1_ms"]
         row["speedup_b64"] = base["latency"][runtime]["b64_ms"] / row["latency_b64_ms"]
         row["accuracy_drop"] = base["accuracy"] - row["accuracy"]
+    stages = [row["stage"] for row in rows]
+    if "scratch" in stages:  # what distillation bought: each row's gain over the control, paired on the same images
+        control = correct[stages.index("scratch")]
+        for row, hits in zip(rows, correct):
+            row["gain_over_scratch"] = percent(hits) - percent(control)
+            row["gain_over_scratch_ci95"] = paired_drop_interval(hits, control)
+
+
+def control_summary(rows):
+    """Lines saying what distillation bought: the distilled student and the shipped INT8 model against the scratch
+    control, with paired 95% intervals; none without the control."""
+    by_stage = {row["stage"]: row for row in rows}
+    if "scratch" not in by_stage:
+        return []
+    return [f"{stage} against the scratch control (same architecture and epochs, no teacher): "
+            f"{by_stage[stage]['gain_over_scratch']:+.2f} points on test (paired 95% "
+            "{:+.2f} to {:+.2f})".format(*by_stage[stage]["gain_over_scratch_ci95"]) for stage in ("student", "int8")]
 
 
 def choice_summary(search):
@@ -208,7 +230,8 @@ def draw(search, cfg):
 
 
 def write_results(rows, search, test, cfg, timing):
-    table = results_table(rows)
+    lines = control_summary(rows)
+    table = results_table(rows) + ("\n\n" + "\n".join(lines) if lines else "")
     print(table)
     machine = {**machine_info(), "threads": timing.threads, **versions()}
     header = (f"Machine: {machine['cpu']}, {timing.threads} threads; torch {machine['torch']}, "

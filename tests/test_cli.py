@@ -171,10 +171,10 @@ def test_rerunning_compress_reuses_every_finished_step(pipeline, imagefolder, tm
     code, stdout, _ = cli(compress_model.main, [f"--DATA_DIR={imagefolder}", f"--OUT_DIR={out}"] + COMPRESS_FLAGS,
                           capsys, monkeypatch)
     assert code == 0
-    # the teacher's logits, the two students and the four trained candidates (struct1, sparse1, sparse2, the
-    # recovery one)
+    # the teacher's logits, the two students, the scratch control and the four trained candidates (struct1,
+    # sparse1, sparse2, the recovery one)
     assert "teacher: logits of 6 views reused" in stdout and "sensitivity: reusing" in stdout
-    assert stdout.count("already trained") == 6
+    assert stdout.count("already trained") == 7
     after = torch.load(out / "pruned.pth", weights_only=True)
     assert after["model"] == before["model"]
     assert all(torch.equal(after["state_dict"][k], v) for k, v in before["state_dict"].items())

@@ -120,7 +120,7 @@ def test_gpu_profile_runs_on_cpu_through_gpu_check(imagefolder, tmp_path):
     config = bench["results"]["config"]
     assert bench["profile"] == "gpu" and config["PROFILE"] == "gpu" and config["DEVICE"] == "cpu"
     assert {c["target"] for c in bench["checks"]} >= {"baseline training within 3 minutes"}
-    assert set(bench["stage_speeds"]) == {"baseline", "student", "struct1", "sparse1"}
+    assert set(bench["stage_speeds"]) == {"baseline", "student", "scratch", "struct1", "sparse1"}
     assert bench["reference_workload"]["images_per_s"] > 0
     search = json.load(open(tmp_path / "out" / "search.json"))
     assert search["config"]["AMP_DTYPE"] == "bfloat16" and search["config"]["TEACHER_VIEWS"] == 0

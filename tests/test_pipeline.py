@@ -3,6 +3,7 @@ import json
 import os
 
 import onnx
+import pytest
 import torch
 
 from utils.checkpoint import load_checkpoint, load_model
@@ -13,7 +14,7 @@ from utils.measure import ort_predict, ort_session
 from utils.models import parse_arch
 from utils.search import score
 
-STAGES = ["baseline", "student", "pruned", "int8", "int8_sparse", "seed_recipe"]
+STAGES = ["baseline", "scratch", "student", "pruned", "int8", "int8_sparse", "seed_recipe"]
 REQUIRED = ["stage", "artifact", "runtime", "accuracy", "size_bytes", "params", "nonzero_params", "latency_b1_ms",
             "latency_b64_ms"]
 
@@ -105,3 +106,22 @@ def test_cifar_pickle_layout_is_read(tmp_path):
     assert data["test"][0].shape == (40, 3, 32, 32) and len(data["train"][2]) == 4
     again = load_dataset(str(tmp_path / "cifar"), False, str(tmp_path / "runs"))  # from the cache
     assert torch.equal(again["train"][0], data["train"][0]) and torch.equal(again["test"][1], data["test"][1])
+
+
+def test_the_scratch_control_is_the_students_architecture_trained_without_a_teacher(pipeline):
+    search = json.load(open(os.path.join(pipeline, "search.json")))
+    control = load_checkpoint(os.path.join(pipeline, "scratch.pth"), "scratch")
+    student = load_checkpoint(os.path.join(pipeline, "student.pth"), "student")
+    assert control["model"] == student["model"] and control["epochs"] == student["epochs"]
+    assert "KD_ALPHA" in student["resume_key"] and "KD_ALPHA" not in control["resume_key"]
+    assert search["scratch"]["kind"] == "control" and "scratch" not in [c["name"] for c in search["candidates"]]
+
+
+def test_results_say_what_distillation_bought_against_the_control(pipeline):
+    results = json.load(open(os.path.join(pipeline, "results.json")))
+    rows = {r["stage"]: r for r in results["rows"]}
+    gain = rows["int8"]["accuracy"] - rows["scratch"]["accuracy"]
+    assert rows["int8"]["gain_over_scratch"] == pytest.approx(gain)
+    lo, hi = rows["int8"]["gain_over_scratch_ci95"]
+    assert lo <= gain <= hi
+    assert "student against the scratch control" in open(os.path.join(pipeline, "results.md")).read()

@@ -11,10 +11,10 @@ from utils.prune import magnitude_masks, make_pruning_permanent, prunable_layers
 from utils.config import UserError, parse_flags
 from utils.data import Split, batches, fixed_views
 from utils.measure import accuracy_interval, paired_drop_bound, paired_drop_interval
-from utils.models import ResNet, build_model, parse_arch, whiten_stem
+from utils.models import ARCHS, ResNet, build_model, count_macs, parse_arch, whiten_stem
 from utils.search import SearchContext
 from utils.train import (Lookahead, Stage, TrainRecipe, cross_entropy_objective, distillation_objective, fit,
-                         kd_loss, teacher_logits)
+                         kd_loss, teacher_logits, teacher_outputs)
 
 
 def test_kd_loss_matches_hand_computation():
@@ -231,6 +231,31 @@ def test_cached_teacher_logits_are_the_teachers_on_the_fixed_views():
     student = tiny_model()
     loss = distillation_objective(no_teacher, 4.0, 0.9, cached)(student, batch)
     assert loss.item() == pytest.approx(kd_loss(student(batch.x), cached[2, batch.idx], batch.y, 4.0, 0.9).item())
+
+
+def test_flipped_teacher_targets_are_the_mean_over_the_image_and_its_mirror():
+    teacher = tiny_model().eval()
+    x = tiny_data(8)[0].float() / 255
+    with torch.no_grad():
+        expected = (teacher(x) + teacher(x.flip(3))) / 2
+    assert torch.allclose(teacher_outputs(teacher, x, flip=True), expected, atol=1e-6)
+    assert not torch.allclose(teacher_outputs(teacher, x), expected, atol=1e-4)
+    views = fixed_views(8, 2, seed=1)
+    split = Split(tiny_data(8)[0], tiny_data(8)[1], ["a", "b", "c", "d"])
+    assert not torch.allclose(teacher_logits(teacher, split, views, "cpu", flip=True),
+                              teacher_logits(teacher, split, views, "cpu"), atol=1e-4)
+
+
+def test_macs_are_counted_from_the_shapes():
+    # ResNet-20 by hand: stem 32*32*16*27; stage 1: six 16->16 3x3 convs at 32x32; stage 2: 16->32 at 16x16, five
+    # 32->32, the 1x1 shortcut 16->32; stage 3 likewise at 8x8; the classifier 64*10
+    by_hand = (1024 * 16 * 27 + 6 * 1024 * 16 * 144 + 256 * 32 * 144 + 5 * 256 * 32 * 288 + 256 * 32 * 16
+               + 64 * 64 * 288 + 5 * 64 * 64 * 576 + 64 * 64 * 32 + 64 * 10)
+    model = ResNet(**ARCHS["resnet20"]).train()
+    assert count_macs(model) == by_hand
+    assert model.training  # left as it was given
+    narrower = ResNet(**ARCHS["resnet20"], mids=[8] * 9)
+    assert count_macs(narrower) < by_hand
 
 
 def test_whitened_stem_decorrelates_its_input_patches_and_is_frozen():

@@ -167,3 +167,24 @@ def model_spec(stem, widths, num_classes, blocks=(2, 2, 2, 2), mids=None):
     if mids is not None:
         kwargs["mids"] = [int(m) for m in mids]
     return {"class": "ResNet", "kwargs": kwargs}
+
+
+def count_macs(model, image_size=32):
+    """Multiply-accumulates of one image's forward pass through the convolutions and the classifier (dense: zeros
+    count, as ONNX Runtime's dense kernels run them), counted from the shapes, not timed. `model` is not changed:
+    the count runs on a CPU copy built from its spec."""
+    counted = build_model(model.spec).eval()
+    total = []
+
+    def hook(module, inputs, output):
+        if isinstance(module, nn.Conv2d):
+            k = module.weight[0].numel()  # in_channels / groups * kh * kw
+            total.append(output.numel() * k)
+        else:
+            total.append(module.in_features * module.out_features)
+    handles = [m.register_forward_hook(hook) for m in counted.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        counted(torch.zeros(1, 3, image_size, image_size))
+    for h in handles:
+        h.remove()
+    return int(sum(total))

@@ -81,7 +81,8 @@ def plot_front_against_published(ax, search):
 
 def plot_pareto(search, path):
     """Validation accuracy against compression and against speed-up for every candidate of the search, with the
-    Pareto front, the budget floor, the chosen model and the original README's recipe marked; and accuracy
+    Pareto front, the budget floor, the chosen model, the scratch control and the original README's recipe marked;
+    and accuracy
     against bytes beside published small CIFAR-10 models."""
     plt = pyplot()
     cands = search["candidates"]
@@ -98,6 +99,10 @@ def plot_pareto(search, path):
         seed = search["seed_recipe"]
         seed_x = search["reference"]["bytes"] / seed["bytes"] if key == "size_ratio" else seed[key]
         ax.scatter([seed_x], [seed["val_acc"]], marker="X", s=120, c="tab:orange", label="original README recipe")
+        control = search.get("scratch")
+        if control:
+            ax.scatter([control[key]], [control["val_acc"]], marker="P", s=120, c="tab:purple",
+                       label="scratch control (student's architecture, no teacher; INT8)")
         ax.scatter([1.0], [search["baseline_val_acc"]], marker="s", s=80, c="k", label="baseline")
         ax.axhline(search["floor"], ls="--", c="tab:red", lw=1,
                    label=f"baseline - MAX_ACC_DROP ({search['floor']:.2f}%)")

@@ -16,7 +16,6 @@ distillation), so the search's walks read as what they try.
 import copy
 import hashlib
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ import torch
 from .checkpoint import clean_state_dict, count_params, cpu_copy, weights_fingerprint
 from .data import Split
 from .measure import Timing, model_accuracy, ort_correct, ort_latency, paired_drop_bound, percent
-from .models import arch_slug
+from .models import arch_slug, count_macs
 from .prune import agp_schedule, allocate, blocks, magnitude_masks, prunable_layers, structured_prune, \
     weight_sparsity, zero_fractions
 from .quantize import Quantization, export_onnx, quantize_int8
@@ -108,7 +107,7 @@ def reference_point(teacher, baseline_path, val_acc, ctx):
     """What every candidate is compared with: the baseline checkpoint's bytes, its float ONNX export's latency."""
     onnx_path = export_onnx(teacher, os.path.join(ctx.work_dir, "baseline_fp32.onnx"))
     return {"name": "baseline", "val_acc": val_acc, "bytes": os.path.getsize(baseline_path),
-            **ort_latency(onnx_path, ctx.x_latency, ctx.timing)}
+            "macs": count_macs(teacher), **ort_latency(onnx_path, ctx.x_latency, ctx.timing)}
 
 
 def quantize_within_budget(float_onnx, int8_path, ctx, int8_drops, max_float_layers):
@@ -146,7 +145,7 @@ def shared_latency(name, int8_path, shape, ctx):
 
 def measure_candidate(name, model, ctx, int8_drops, max_float_layers, **info):
     """Float accuracy, then export, quantize (with the fallback), archive and time one deployable model; returns
-    its log entry."""
+    its log entry. info must hold its `macs` (models.count_macs)."""
     float_val = model_accuracy(model, ctx.val)
     float_onnx = export_onnx(model, os.path.join(ctx.work_dir, f"{name}_fp32.onnx"))
     int8_path = os.path.join(ctx.work_dir, f"{name}.int8.onnx")
@@ -160,11 +159,11 @@ def measure_candidate(name, model, ctx, int8_drops, max_float_layers, **info):
              "bytes": save_sparse_onnx(int8_path, archive), "int8_onnx": int8_path, "archive": archive,
              **shared_latency(name, int8_path, [model.spec, keep], ctx), **info}
     ref = ctx.reference
-    entry.update(size_ratio=ref["bytes"] / entry["bytes"], speedup_b1=ref["b1_ms"] / entry["b1_ms"],
-                 speedup_b64=ref["b64_ms"] / entry["b64_ms"])
+    entry.update(size_ratio=ref["bytes"] / entry["bytes"], mac_ratio=ref["macs"] / entry["macs"],
+                 speedup_b1=ref["b1_ms"] / entry["b1_ms"], speedup_b64=ref["b64_ms"] / entry["b64_ms"])
     print(f"candidate {name:<18} val {float_val:6.2f}% float -> {val_acc:6.2f}% int8 (drop <= {bound:5.2f})"
           f"{' (float: ' + ', '.join(keep) + ')' if keep else ''}  {entry['bytes'] / 2**20:6.3f} MiB "
-          f"({entry['size_ratio']:5.1f}x)  b1 {entry['b1_ms']:.3f} ms ({entry['speedup_b1']:.2f}x)  "
+          f"({entry['size_ratio']:5.1f}x)  {entry['macs'] / 1e6:.1f} M MACs  b1 {entry['b1_ms']:.3f} ms ({entry['speedup_b1']:.2f}x)  "
           f"b64 {entry['b64_ms']:.2f} ms ({entry['speedup_b64']:.2f}x)"
           f"{'' if entry['latency_measured_on'] == name else ' (timed as ' + entry['latency_measured_on'] + ')'}  "
           f"{'within' if entry['within_budget'] else 'OUTSIDE'} budget", flush=True)
@@ -172,14 +171,16 @@ def measure_candidate(name, model, ctx, int8_drops, max_float_layers, **info):
 
 
 def score(entry, objective):
-    """Lower is better. size: bytes on disk; latency: geometric mean of the batch-1 and batch-64 times;
-    balanced: geometric mean of the size ratio and the two speed-ups (all against the baseline)."""
-    latency = math.sqrt(entry["b1_ms"] * entry["b64_ms"])
+    """Lower is better, from what is counted, never from what is timed: size: bytes on disk, then MACs; latency:
+    MACs (multiply-accumulates of one image, dense), then bytes; balanced: the geometric mean of the size ratio
+    and the MAC ratio taken twice (in place of the two speed-ups), then bytes. Two timings of the same file
+    differ from run to run, so a choice made on them would differ too; the MACs are what the dense INT8 kernels'
+    time follows, and every candidate's latency is still measured and reported."""
     if objective == "size":
-        return (entry["bytes"], latency)
+        return (entry["bytes"], entry["macs"])
     if objective == "latency":
-        return (latency, entry["bytes"])
-    return (-(entry["size_ratio"] * entry["speedup_b1"] * entry["speedup_b64"]) ** (1 / 3),)
+        return (entry["macs"], entry["bytes"])
+    return (-(entry["size_ratio"] * entry["mac_ratio"] ** 2) ** (1 / 3), entry["bytes"])
 
 
 def choose(candidates, objective):
@@ -205,13 +206,18 @@ class Search:
         self.ctx, self.plan, self.finetune = ctx, plan, finetune
         self.candidates = []
 
-    def add(self, name, model, int8_drops=None, **info):
-        """Measure `model` (any device; measured on a CPU copy) as a candidate and log it."""
+    def measure(self, name, model, int8_drops=None, **info):
+        """`model` (any device; measured on a CPU copy) as a Candidate, measured like every other, not logged:
+        what the search's candidates are compared with (the scratch control) is made this way too."""
         final = cpu_copy(model)
         entry = measure_candidate(name, final, self.ctx, int8_drops, self.plan.max_float_layers,
-                                  params=count_params(final)[0], sparsity=weight_sparsity(final),
-                                  mids=final.spec["kwargs"].get("mids"), **info)
-        self.candidates.append(Candidate(entry, final, int8_drops))
+                                  params=count_params(final)[0], macs=count_macs(final),
+                                  sparsity=weight_sparsity(final), mids=final.spec["kwargs"].get("mids"), **info)
+        return Candidate(entry, final, int8_drops)
+
+    def add(self, name, model, int8_drops=None, **info):
+        """Measure `model` as a candidate (measure) and log it."""
+        self.candidates.append(self.measure(name, model, int8_drops, **info))
         return self.candidates[-1]
 
     def step(self, name, model, parent, epochs, made_from, **info):

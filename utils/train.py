@@ -66,27 +66,34 @@ def kd_loss(student_logits, teacher_logits, targets, temperature, alpha):
 
 
 @torch.no_grad()
-def teacher_logits(teacher, train, views, device, batch_size=500, channels_last=False):
-    """The teacher's float32 logits on every fixed view of every training image: (K, N, classes), on the CPU.
-    views: data.fixed_views(N, K, seed), as the recipe that reads them makes it."""
+def teacher_outputs(teacher, x, flip=False):
+    """The teacher's float32 logits on batch x; flip: the mean of its logits on x and on x mirrored left to right
+    (test-time augmentation of the teacher only: softer, more accurate targets; the student runs as it is)."""
+    logits = teacher(x).float()
+    return (logits + teacher(x.flip(3)).float()) / 2 if flip else logits
+
+
+def teacher_logits(teacher, train, views, device, batch_size=500, channels_last=False, flip=False):
+    """The teacher's float32 logits (teacher_outputs) on every fixed view of every training image: (K, N,
+    classes), on the CPU. views: data.fixed_views(N, K, seed), as the recipe that reads them makes it."""
     out = []
     for k in range(len(views)):
         bar = tqdm(batches(train.x, train.y, batch_size, device, view=(k, views[k]), channels_last=channels_last),
                    total=num_batches(len(train.x), batch_size, False), desc=f"teacher view {k + 1}/{len(views)}",
                    unit="batch", leave=False, mininterval=1.0)
-        out.append(torch.cat([teacher(b.x).float().cpu() for b in bar]))
+        out.append(torch.cat([teacher_outputs(teacher, b.x, flip).cpu() for b in bar]))
     return torch.stack(out)
 
 
-def distillation_objective(teacher, temperature, alpha, cached=None):
+def distillation_objective(teacher, temperature, alpha, cached=None, flip=False):
     """KD loss against `teacher`, which must be in eval mode on the training device (it is not changed here).
-    cached: its logits on the fixed views (teacher_logits), read instead of running it on batches showing one."""
+    cached: its logits on the fixed views (teacher_logits), read instead of running it on batches showing one;
+    flip: the teacher's targets averaged with its logits on the mirrored batch (teacher_outputs)."""
     def objective(model, batch):
         if cached is not None and batch.view >= 0:
             logits = cached[batch.view, batch.idx].to(batch.x.device)
         else:
-            with torch.no_grad():
-                logits = teacher(batch.x)
+            logits = teacher_outputs(teacher, batch.x, flip)
         return kd_loss(model(batch.x), logits, batch.y, temperature, alpha)
     return objective
 
