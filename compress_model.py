@@ -4,8 +4,8 @@
 
 State how much validation accuracy you can give up (MAX_ACC_DROP, points) and what to optimise (OBJECTIVE);
 the pipeline then
-  1. computes the baseline's logits once on TEACHER_VIEWS fixed augmentations of every training image (each the
-     mean over the view and its mirror image) and distils it into each of the STUDENTS (small ResNets)
+  1. computes the baseline's logits once on TEACHER_VIEWS fixed augmentations of every training image (with
+     TEACHER_FLIP the mean over each view and its mirror) and distils it into each of the STUDENTS (small ResNets)
                                                                                    -> OUT_DIR/student_<name>.pth
   2. measures each student as INT8 and picks one by the objective within the budget -> OUT_DIR/student.pth
      and trains the picked architecture on the labels alone, the control that says what the teacher bought
@@ -63,11 +63,13 @@ STUDENTS = "resnet20"        # comma-separated utils.models.ARCHS names or stem:
 KD_EPOCHS = 30               # distillation epochs of each student (resnet20: about 24 min on 2 cores)
 TEACHER_VIEWS = 6            # fixed augmentations of each training image the teacher's logits are computed on once
                              # and every training epoch reuses (0: run the teacher on every batch)
-TEACHER_FLIP = True          # the teacher's targets: the mean of its logits on each view and on its mirror image
+TEACHER_FLIP = False         # the teacher's targets: the mean of its logits on each view and on its mirror image
+                             # (twice the teacher's passes)
 SCRATCH_CONTROL = True       # also train the picked student's architecture on the labels alone (same epochs and
                              # recipe, no teacher) as OUT_DIR/scratch.pth: what distillation bought; timed apart
 KD_TEMPERATURE = 4.0         # T: softening of both models' logits
-KD_ALPHA = 0.9               # weight of the T^2-scaled KL term; 1 - KD_ALPHA weighs cross-entropy on the labels
+KD_ALPHA = 0.5               # weight of the T^2-scaled KL term; 1 - KD_ALPHA weighs cross-entropy on the labels
+                             # (near 1 the student copies the teacher, its errors too)
 KD_LR = 0.2                  # peak one-cycle learning rate of distillation
 BATCH_SIZE = 256             # images per step (distillation and fine-tuning)
 MOMENTUM = 0.9               # SGD Nesterov momentum
@@ -81,7 +83,7 @@ CHANNEL_MULTIPLE = 16        # inner widths are rounded to a multiple of this: I
 SPARSITY = 0.85              # unstructured sparsity of conv+linear weights at the last AGP step, 0 to <1
 AGP_STEPS = 4                # AGP steps (cubic schedule) to SPARSITY, each a candidate (skipped for OBJECTIVE=latency)
 AGP_EPOCHS = 1               # fine-tuning epochs after each AGP step
-FINAL_EPOCHS = 3             # more fine-tuning of the chosen pruned model (zeros kept); kept if validation agrees
+FINAL_EPOCHS = 1             # more fine-tuning of the chosen pruned model (zeros kept); kept if validation agrees
 FINETUNE_LR = 0.02           # peak one-cycle learning rate of every fine-tuning
 CALIB_IMAGES = 512           # training images that calibrate the INT8 activation ranges
 CALIB_METHOD = "MinMax"      # MinMax | Entropy | Percentile (ONNX Runtime calibrators)
