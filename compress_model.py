@@ -31,8 +31,8 @@ from typing import Callable
 
 import torch
 
-from utils.checkpoint import (ARTIFACTS, CONTROL, Progress, clean_state_dict, count_params, load_checkpoint, load_model,
-                              weights_fingerprint, write_checkpoint)
+from utils.checkpoint import (ARTIFACTS, CONTROL, Progress, clean_state_dict, count_params, load_checkpoint,
+                              load_model, weights_fingerprint, write_checkpoint)
 from utils.config import UserError, check_choice, check_range, configure, run_cli
 from utils.data import Split, fixed_views, load_dataset, train_val_split
 from utils.device import AMP_DTYPES, pick_device
@@ -258,10 +258,11 @@ def scratch_control(student, teacher, distiller, search, cfg):
     seconds); (None, 0) when SCRATCH_CONTROL is off."""
     if not cfg["SCRATCH_CONTROL"]:
         return None, 0.0
-    t0, arch = time.time(), student.entry["arch"]
-    smoothing = teacher.ckpt["config"]["LABEL_SMOOTHING"]
+    t0, arch, base = time.time(), student.entry["arch"], teacher.ckpt["config"]
+    smoothing = base["LABEL_SMOOTHING"]
+    split = {k: base.get(k, 0) for k in ("VAL_SIZE", "SEED", "TRAIN_SUBSET")}  # the images it trains on
     stage = Stage("scratch", "scratch", os.path.join(cfg["OUT_DIR"], CONTROL["scratch"]), cfg["DEVICE"],
-                  {"arch": arch, "LABEL_SMOOTHING": smoothing}, distiller.meta)
+                  {"arch": arch, "LABEL_SMOOTHING": smoothing, **split}, distiller.meta)
     recipe = replace(distiller.recipe(cfg["KD_LR"], cfg["KD_EPOCHS"]), views=0)
     model = distiller.fit(stage, new_student(arch, teacher, cfg), recipe, cross_entropy_objective(smoothing))
     control = search.measure("scratch", model, kind="control", arch=arch)

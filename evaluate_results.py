@@ -4,11 +4,11 @@
 
 Writes OUT_DIR/results.json and OUT_DIR/results.md and prints the same table, with every row's gain over the
 scratch control (the student's architecture trained without a teacher) when compress_model.py made one; draws
-pareto.png (the search) and training.png (every training stage's curves, from metrics.jsonl). Accuracy is on the whole test split, in
-float32, on every core (float models on the GPU where DEVICE is cuda); latency is the median over timed runs
-after warm-up with THREADS threads; every float model is also exported to ONNX, so that the baseline and the
-INT8 model are timed on the same runtime. Before any slow work, every artifact is read back and checked: all
-readable, and the files of compress_model.py from one run (the same run id in each).
+pareto.png (the search) and training.png (every training stage's curves, from metrics.jsonl). Accuracy is on
+the whole test split, in float32, on every core (float models on the GPU where DEVICE is cuda); latency is the
+median over timed runs after warm-up with THREADS threads; every float model is also exported to ONNX, so that
+the baseline and the INT8 model are timed on the same runtime. Before any slow work, every artifact is read back
+and checked: all readable, and the files of compress_model.py from one run (the same run id in each).
 """
 import json
 import os

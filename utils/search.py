@@ -163,7 +163,8 @@ def measure_candidate(name, model, ctx, int8_drops, max_float_layers, **info):
                  speedup_b1=ref["b1_ms"] / entry["b1_ms"], speedup_b64=ref["b64_ms"] / entry["b64_ms"])
     print(f"candidate {name:<18} val {float_val:6.2f}% float -> {val_acc:6.2f}% int8 (drop <= {bound:5.2f})"
           f"{' (float: ' + ', '.join(keep) + ')' if keep else ''}  {entry['bytes'] / 2**20:6.3f} MiB "
-          f"({entry['size_ratio']:5.1f}x)  {entry['macs'] / 1e6:.1f} M MACs  b1 {entry['b1_ms']:.3f} ms ({entry['speedup_b1']:.2f}x)  "
+          f"({entry['size_ratio']:5.1f}x)  {entry['macs'] / 1e6:.1f} M MACs  "
+          f"b1 {entry['b1_ms']:.3f} ms ({entry['speedup_b1']:.2f}x)  "
           f"b64 {entry['b64_ms']:.2f} ms ({entry['speedup_b64']:.2f}x)"
           f"{'' if entry['latency_measured_on'] == name else ' (timed as ' + entry['latency_measured_on'] + ')'}  "
           f"{'within' if entry['within_budget'] else 'OUTSIDE'} budget", flush=True)
