@@ -41,8 +41,8 @@ def test_results_have_a_measured_row_per_stage(pipeline):
 def test_int8_artifact_is_small_runs_alone_and_agrees_with_float(pipeline, imagefolder):
     int8_path, float_path = os.path.join(pipeline, "int8.onnx"), os.path.join(pipeline, "onnx", "pruned_fp32.onnx")
     # int8 weights: 4x smaller tensors, less the per-channel scales, int32 biases and the graph's own bytes, which
-    # weigh on a tiny model (3.4x here; 3.65x in the last CIFAR-10 benchmark): an fp16 file would fail this
-    assert os.path.getsize(float_path) / os.path.getsize(int8_path) >= 3.0
+    # weigh on a tiny model; an fp16 file (at most 2x smaller) fails this
+    assert os.path.getsize(float_path) / os.path.getsize(int8_path) >= 2.5
     ops = {n.op_type for n in onnx.load(int8_path).graph.node}
     assert "DequantizeLinear" in ops and "Conv" in ops
     # every Conv weight comes in through a DequantizeLinear of an int8 initializer
@@ -94,7 +94,7 @@ def test_search_logs_candidates_and_ships_the_chosen_one(pipeline):
 def test_seed_recipe_leaves_convolutions_float(pipeline):
     results = {r["stage"]: r for r in json.load(open(os.path.join(pipeline, "results.json")))["rows"]}
     assert results["seed_recipe"]["size_bytes"] > 0.9 * results["pruned"]["size_bytes"]
-    assert results["int8"]["size_bytes"] < 0.35 * results["pruned"]["size_bytes"]
+    assert results["int8"]["size_bytes"] < 0.4 * results["pruned"]["size_bytes"]  # fp16 would be about 0.5
     assert results["int8_sparse"]["size_bytes"] < results["int8"]["size_bytes"]
     assert results["int8_sparse"]["accuracy"] == results["int8"]["accuracy"]
 
