@@ -60,7 +60,7 @@ DEVICE = "auto"              # auto | cpu | cuda
 STUDENTS = "resnet20"        # comma-separated utils.models.ARCHS names or stem:widths:blocks specs, each
                              # distilled, the search picking one; resnet20: CIFAR ResNet-20 (16-32-64, 32x32 maps,
                              # 0.27 M parameters); resnet_s2_w32: the baseline's shape at half width (2.8 M, 16x16)
-KD_EPOCHS = 30               # distillation epochs of each student (resnet20: about 24 min on 2 cores)
+KD_EPOCHS = 24               # distillation epochs of each student
 TEACHER_VIEWS = 6            # fixed augmentations of each training image the teacher's logits are computed on once
                              # and every training epoch reuses (0: run the teacher on every batch)
 TEACHER_FLIP = False         # the teacher's targets: the mean of its logits on each view and on its mirror image
@@ -75,7 +75,7 @@ BATCH_SIZE = 256             # images per step (distillation and fine-tuning)
 MOMENTUM = 0.9               # SGD Nesterov momentum
 WEIGHT_DECAY = 5e-4          # L2 penalty
 LOOKAHEAD = 0                # 0: off; K: Lookahead every K steps in distillation and fine-tuning (utils.train)
-SENS_IMAGES = 2000           # validation images of the sensitivity analysis (the search judges on all of them)
+SENS_IMAGES = 1000           # validation images of the sensitivity analysis (the search judges on all of them)
 STRUCT_MAX = 0.6             # largest fraction of the blocks' inner weights structured pruning removes, 0 to <1
 STRUCT_STEPS = 3             # structured candidates, evenly spaced up to STRUCT_MAX, each pruned from the last
 STRUCT_EPOCHS = 2            # fine-tuning epochs after each structured step
