@@ -18,7 +18,7 @@ the pipeline then
   5. keeps the best candidate within the budget, fine-tuned a little longer: float -> OUT_DIR/pruned.pth
      its INT8 ONNX file (what you deploy; runs without this code)                 -> OUT_DIR/int8.onnx
      the same INT8 model, sparsity stored compactly (utils/sparse.py)             -> OUT_DIR/int8.sparse
-and, for comparison, the original README's recipe (quantize_dynamic on that model) -> OUT_DIR/seed_recipe.pth
+and PyTorch's dynamic quantization of that model, convolutions left in float      -> OUT_DIR/dynamic_quant.pth
 Rerunning resumes an interrupted stage and reuses finished ones. The final files land together, each with
 the run's id, only once all of them are written; a second run on the same OUT_DIR stops at once.
 """
@@ -35,17 +35,18 @@ from utils.checkpoint import (ARTIFACTS, CONTROL, Progress, clean_state_dict, co
                               load_model, weights_fingerprint, write_checkpoint)
 from utils.config import UserError, check_choice, check_range, configure, run_cli
 from utils.data import Split, fixed_views, load_dataset, train_val_split
-from utils.device import AMP_DTYPES, pick_device
-from utils.files import ArtifactSet, atomic_save, atomic_write_text, file_digest, new_run_id, out_dir_lock
+from utils.device import check_amp_dtype, pick_device
+from utils.files import ArtifactSet, atomic_write_text, cache_or_compute, file_digest, new_run_id, out_dir_lock, \
+    write_json
 from utils.measure import Timing, eager_latency, model_accuracy, model_correct, percent
 from utils.models import ResNet, arch_slug, parse_arch
 from utils.plots import plot_sensitivity
-from utils.quantize import Quantization, export_onnx, onnx_param_counts, save_onnx_metadata, seed_recipe
+from utils.quantize import Quantization, dynamic_quant, export_onnx, onnx_param_counts, save_onnx_metadata
 from utils.search import OBJECTIVES, Search, SearchContext, SearchPlan, pick_student, reference_point, run_search
 from utils.sensitivity import Sensitivity, sensitivity_analysis, sensitivity_table
 from utils.sparse import save_sparse_onnx
-from utils.train import (METRICS_FILE as _METRICS_FILE, Stage, TrainRecipe, cross_entropy_objective,
-                         distillation_objective, fit, teacher_logits)
+from utils.train import (METRICS_FILE, Stage, cross_entropy_objective, distillation_objective,
+                         fit, placed_for_training, recipe_from, teacher_logits)
 
 # -----------------------------------------------------------------------------------------------
 DATA_DIR = "data"            # the data the baseline was trained on (CIFAR-10 or ImageFolder root); env DATA_DIR too
@@ -92,7 +93,7 @@ MAX_FLOAT_LAYERS = 4         # INT8 fallback: most layers kept in float (most IN
 LATENCY_THREADS = 1          # ONNX Runtime threads when timing candidates (as evaluate_results.py's THREADS)
 LATENCY_RUNS = 100           # timed batch-1 runs per candidate (batch 64: a tenth)
 CHANNELS_LAST = True         # channels-last memory format while training
-AMP_DTYPE = "float32"        # float32 | bfloat16 | float16: autocast dtype of training (decisions are always float32)
+AMP_DTYPE = "float32"        # float32 | bfloat16: autocast dtype of training (decisions are always float32)
 SEED = 0                     # seed of initialisation, batch order and the calibration images
 # -----------------------------------------------------------------------------------------------
 _PROFILES = {"cpu": {}, "gpu": {"STUDENTS": "resnet20_w32,resnet18_cifar_w32", "KD_EPOCHS": 40, "TEACHER_VIEWS": 0,
@@ -112,7 +113,7 @@ def check_config(cfg):
         raise UserError(f"--STUDENTS names a student twice: {cfg['STUDENTS']}")
     check_choice(cfg, "CALIB_METHOD", ("MinMax", "Entropy", "Percentile"))
     check_choice(cfg, "OBJECTIVE", OBJECTIVES)
-    check_choice(cfg, "AMP_DTYPE", AMP_DTYPES)
+    check_amp_dtype(cfg)
     check_range(cfg, "MAX_ACC_DROP", 0, 100)
     for name in ("BATCH_SIZE", "CALIB_IMAGES", "SENS_IMAGES", "LATENCY_THREADS", "LATENCY_RUNS",
                  "CHANNEL_MULTIPLE"):
@@ -136,7 +137,13 @@ class Teacher:
     def __init__(self, cfg):
         self.path = os.path.join(cfg["OUT_DIR"], ARTIFACTS["baseline"])
         self.ckpt = load_checkpoint(self.path, "baseline", finished=True)
-        self.model = load_model(self.ckpt, self.path).to(cfg["DEVICE"]).eval()
+        model = load_model(self.ckpt, self.path).to(cfg["DEVICE"]).eval()
+        if cfg["CHANNELS_LAST"] and cfg["DEVICE"] == "cuda":
+            # as its input batches and the students are: with TEACHER_VIEWS=0 it runs on every training step, and
+            # a contiguous model would convert the layout in each convolution. On the CPU it runs once per cached
+            # view; its layout there stays as the CPU benchmark measured it.
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
         self.classes = self.ckpt["classes"]
         self.fingerprint = weights_fingerprint(self.ckpt["state_dict"])
 
@@ -152,17 +159,12 @@ class Distiller:
     meta: dict
 
     def recipe(self, lr, epochs):
-        c = self.cfg
-        return TrainRecipe(lr=lr, epochs=epochs, batch_size=c["BATCH_SIZE"], momentum=c["MOMENTUM"],
-                           weight_decay=c["WEIGHT_DECAY"], seed=c["SEED"], channels_last=c["CHANNELS_LAST"],
-                           amp_dtype=c["AMP_DTYPE"], views=c["TEACHER_VIEWS"], lookahead=c["LOOKAHEAD"])
+        return recipe_from(self.cfg, lr, epochs, views=self.cfg["TEACHER_VIEWS"])
 
     def fit(self, stage, model, recipe, objective=None):
         """Train `model` (moved to the device and memory format of training) by `objective` (default: the KD
         loss, whose settings then join what the checkpoint was made from)."""
-        model = model.to(self.cfg["DEVICE"])
-        if self.cfg["CHANNELS_LAST"]:
-            model = model.to(memory_format=torch.channels_last)
+        model = placed_for_training(model, self.cfg["DEVICE"], self.cfg["CHANNELS_LAST"])
         made_from = stage.made_from
         if objective is None:
             objective = self.objective
@@ -173,7 +175,7 @@ class Distiller:
     def finetune(self, label, path, model, epochs, made_from):
         """The search's fine-tuning step (utils.search.Finetune)."""
         stage = Stage("pruned", label, path, self.cfg["DEVICE"], made_from, self.meta,
-                      metrics=os.path.join(self.cfg["OUT_DIR"], _METRICS_FILE))
+                      metrics=os.path.join(self.cfg["OUT_DIR"], METRICS_FILE))
         return self.fit(stage, model, self.recipe(self.cfg["FINETUNE_LR"], epochs))
 
 
@@ -205,25 +207,18 @@ def cached_teacher(teacher, train, cfg):
     None when TEACHER_VIEWS is 0."""
     if not cfg["TEACHER_VIEWS"]:
         return None
-    path = os.path.join(cfg["OUT_DIR"], "teacher_logits.pt")
     key = {"teacher": teacher.fingerprint, "views": cfg["TEACHER_VIEWS"], "seed": cfg["SEED"], "n": len(train.x),
            "flip": cfg["TEACHER_FLIP"]}
-    if os.path.exists(path):
-        try:
-            saved = torch.load(path, weights_only=True)
-            if saved["key"] == key and saved["logits"].shape[:2] == (key["views"], key["n"]):
-                print(f"teacher: logits of {key['views']} views reused from {path}")
-                return saved["logits"]
-        except Exception:
-            print(f"teacher: {path} is unreadable, computing the logits again")
-    t0 = time.time()
-    views = fixed_views(len(train.x), cfg["TEACHER_VIEWS"], cfg["SEED"])
-    logits = teacher_logits(teacher.model, train, views, cfg["DEVICE"], channels_last=cfg["CHANNELS_LAST"],
-                            flip=cfg["TEACHER_FLIP"])
-    atomic_save({"key": key, "logits": logits}, path)
-    print(f"teacher: logits on {key['views']} fixed views of {len(train.x)} images in {time.time() - t0:.0f}s, "
-          f"{path}", flush=True)
-    return logits
+
+    def compute():
+        t0 = time.time()
+        views = fixed_views(len(train.x), cfg["TEACHER_VIEWS"], cfg["SEED"])
+        logits = teacher_logits(teacher.model, train, views, cfg["DEVICE"], channels_last=cfg["CHANNELS_LAST"],
+                                flip=cfg["TEACHER_FLIP"])
+        print(f"teacher logits: {key['views']} fixed views of {len(train.x)} images in {time.time() - t0:.0f}s",
+              flush=True)
+        return {"logits": logits}
+    return cache_or_compute(os.path.join(cfg["OUT_DIR"], "teacher_logits.pt"), key, compute, "teacher logits")["logits"]
 
 
 def student_path(cfg, name):
@@ -283,25 +278,18 @@ def sensitivities(student, val, quant, cfg):
     """The sensitivity analysis of the student on SENS_IMAGES validation images, reused when sensitivity.json was
     made from the same student and images; also written as sensitivity.md and .png."""
     out = cfg["OUT_DIR"]
-    path = os.path.join(out, "sensitivity.json")
     key = {"student": weights_fingerprint(clean_state_dict(student)), "SENS_IMAGES": cfg["SENS_IMAGES"],
            "CALIB_IMAGES": cfg["CALIB_IMAGES"]}
-    if os.path.exists(path):
-        try:
-            with open(path) as f:
-                earlier = json.load(f)
-            if earlier.get("key") == key:
-                print(f"sensitivity: reusing {path}")
-                return Sensitivity.from_json(earlier)
-        except (ValueError, OSError):
-            print(f"sensitivity: {path} is unreadable, measuring again")
-    t0 = time.time()
-    float_onnx = export_onnx(student, os.path.join(out, "search", "student_fp32.onnx"))
-    sens = {"key": key, **sensitivity_analysis(student, float_onnx, quant, val.head(cfg["SENS_IMAGES"]))}
-    atomic_write_text(os.path.join(out, "sensitivity.md"), sensitivity_table(sens))
-    plot_sensitivity(sens, os.path.join(out, "sensitivity.png"))
-    atomic_write_text(path, json.dumps(sens, indent=1) + "\n")
-    print(f"sensitivity: {out}/sensitivity.md, sensitivity.png ({time.time() - t0:.0f}s)", flush=True)
+
+    def compute():
+        t0 = time.time()
+        float_onnx = export_onnx(student, os.path.join(out, "search", "student_fp32.onnx"))
+        sens = sensitivity_analysis(student, float_onnx, quant, val.head(cfg["SENS_IMAGES"]), cfg["DEVICE"])
+        atomic_write_text(os.path.join(out, "sensitivity.md"), sensitivity_table(sens))
+        plot_sensitivity(sens, os.path.join(out, "sensitivity.png"))
+        print(f"sensitivity: {out}/sensitivity.md, sensitivity.png ({time.time() - t0:.0f}s)", flush=True)
+        return sens
+    sens = cache_or_compute(os.path.join(out, "sensitivity.json"), key, compute, "sensitivity")
     return Sensitivity.from_json(json.loads(json.dumps(sens)))  # as a rerun reads it back: the same either way
 
 
@@ -309,7 +297,7 @@ def search_context(val, base_correct, quant, teacher, cfg):
     timing = Timing(cfg["LATENCY_THREADS"], cfg["LATENCY_RUNS"], max(cfg["LATENCY_RUNS"] // 10, 3), warmup=10)
     ctx = SearchContext(val=val, base_correct=base_correct, max_drop=cfg["MAX_ACC_DROP"], quant=quant,
                         timing=timing, x_latency=val.x[:64].float() / 255,
-                        work_dir=os.path.join(cfg["OUT_DIR"], "search"))
+                        work_dir=os.path.join(cfg["OUT_DIR"], "search"), device=cfg["DEVICE"])
     ctx.reference = reference_point(teacher.model, teacher.path, percent(base_correct), ctx)
     return ctx
 
@@ -332,14 +320,22 @@ def print_change(stage, before, after):
     print(f"{stage:<8} {fmt.format(**before)}  ->  {fmt.format(**after)}", flush=True)
 
 
-def seed_recipe_point(model, teacher, path, ctx):
-    """The original README's recipe as a point of the Pareto plots: validation accuracy, bytes, and speed-ups
+def artifact_meta(cfg, teacher, run_id):
+    """What every final file records besides its content: the config, the classes, the teacher, the run's id."""
+    return {"config": cfg, "classes": teacher.classes, "teacher": teacher.path, "run_id": run_id}
+
+
+def dynamic_quantization(chosen, teacher, ctx, meta):
+    """PyTorch's dynamic quantization of the chosen model, saved in the search's folder (write_artifacts ships it
+    as dynamic_quant.pth) and measured as a point of the Pareto plots: validation accuracy, bytes, and speed-ups
     over the baseline in eager PyTorch (the only runtime it has), timed like the candidates."""
+    path = os.path.join(ctx.work_dir, ARTIFACTS["dynamic_quant"])
+    model = dynamic_quant(chosen.model, path, {**meta, "model": chosen.model.spec})
     base = eager_latency(teacher.model, ctx.x_latency, ctx.timing)
-    seed = eager_latency(model, ctx.x_latency, ctx.timing)
-    return {"name": "seed_recipe", "runtime": "pytorch (eager)", "val_acc": model_accuracy(model, ctx.val),
-            "bytes": os.path.getsize(path), **seed, "speedup_b1": base["b1_ms"] / seed["b1_ms"],
-            "speedup_b64": base["b64_ms"] / seed["b64_ms"]}
+    dynamic = eager_latency(model, ctx.x_latency, ctx.timing)
+    return {"name": "dynamic_quant", "runtime": "pytorch (eager)", "val_acc": model_accuracy(model, ctx.val),
+            "bytes": os.path.getsize(path), **dynamic, "speedup_b1": base["b1_ms"] / dynamic["b1_ms"],
+            "speedup_b64": base["b64_ms"] / dynamic["b64_ms"]}
 
 
 def report(result, cfg):
@@ -350,14 +346,13 @@ def report(result, cfg):
               f"{cfg['MAX_ACC_DROP']}; {result.chosen.name} is the most accurate. Raise MAX_ACC_DROP or KD_EPOCHS.")
 
 
-def write_artifacts(result, student, control, teacher, ctx, cfg, seconds):
+def write_artifacts(result, student, control, dynamic, teacher, ctx, cfg, seconds, meta):
     """The picked student as student.pth, the chosen model as pruned.pth (float; rebuilds its pruned shape),
-    int8.onnx (what ships), int8.sparse (the same, stored compactly), seed_recipe.pth (the original recipe on it)
-    and search.json: written into a staging folder, each with this run's id, and moved into OUT_DIR together
-    once all are written."""
-    out, chosen, run_id = cfg["OUT_DIR"], result.chosen, new_run_id()
+    int8.onnx (what ships), int8.sparse (the same, stored compactly), dynamic_quant.pth (PyTorch's dynamic
+    quantization of it, `dynamic` its measurements) and search.json: written into a staging folder, each with
+    this run's id (meta, artifact_meta), and moved into OUT_DIR together once all are written."""
+    out, chosen, run_id = cfg["OUT_DIR"], result.chosen, meta["run_id"]
     paths = {stage: os.path.join(out, ARTIFACTS[stage]) for stage in ("student", "pruned", "int8", "int8_sparse")}
-    meta = {"config": cfg, "classes": teacher.classes, "teacher": teacher.path, "run_id": run_id}
     with ArtifactSet(out) as staged:
         student_file = student_path(cfg, student.entry["arch"])
         shutil.copyfile(student_file, staged.path(ARTIFACTS["student"]))
@@ -369,27 +364,25 @@ def write_artifacts(result, student, control, teacher, ctx, cfg, seconds):
         save_onnx_metadata(int8, {**meta, "stage": "int8", "input": "float32 (N, 3, 32, 32) RGB in [0, 1]",
                                   "source": paths["pruned"], "float_layers": chosen.entry["float_layers"]})
         save_sparse_onnx(int8, staged.path(ARTIFACTS["int8_sparse"]), run_id)
-        seed_path = staged.path(ARTIFACTS["seed_recipe"])
-        seed = seed_recipe_point(seed_recipe(chosen.model, seed_path, {**meta, "model": chosen.model.spec}),
-                                 teacher, seed_path, ctx)
-        atomic_write_text(staged.path("search.json"), json.dumps(
+        shutil.copyfile(os.path.join(ctx.work_dir, ARTIFACTS["dynamic_quant"]),
+                        staged.path(ARTIFACTS["dynamic_quant"]))
+        write_json(staged.path("search.json"),
             {"config": cfg, "run_id": run_id, "baseline_val_acc": ctx.reference["val_acc"], "floor": ctx.floor,
              "objective": cfg["OBJECTIVE"], "reference": ctx.reference, "candidates": result.log(),
-             "chosen": chosen.name, "budget_met": result.budget_met, "seed_recipe": seed, "seconds": seconds,
+             "chosen": chosen.name, "budget_met": result.budget_met, "dynamic_quant": dynamic, "seconds": seconds,
              "student": student.entry["arch"], "max_acc_drop": cfg["MAX_ACC_DROP"],
              "scratch": control and control.entry,
              "inputs": {ARTIFACTS["baseline"]: file_digest(teacher.path),
                         ARTIFACTS["student"]: file_digest(student_file),
                         **({CONTROL["scratch"]: file_digest(os.path.join(out, CONTROL["scratch"]))} if control
-                           else {})}},
-            indent=1) + "\n")
+                           else {})}})
     before = summary(count_params(student.model), paths["student"], student.entry["float_val_acc"])
     after = summary(count_params(chosen.model), paths["pruned"], chosen.entry["float_val_acc"])
     int8_stats = summary(onnx_param_counts(paths["int8"]), paths["int8"], chosen.entry["val_acc"])
     print_change("prune", before, after)
     print_change("int8", after, int8_stats)
     print_change("store", int8_stats, {**int8_stats, "mib": os.path.getsize(paths["int8_sparse"]) / 2**20})
-    print_change("seed", after, {**after, "mib": seed["bytes"] / 2**20, "val_acc": seed["val_acc"]})
+    print_change("dynamic", after, {**after, "mib": dynamic["bytes"] / 2**20, "val_acc": dynamic["val_acc"]})
     print(f"compress_model: run {run_id} done in {seconds['total']:.0f}s (sensitivity and search "
           f"{seconds['sensitivity_and_search']:.0f}s; the scratch control {seconds['scratch_control']:.0f}s more); "
           f"next: python evaluate_results.py")
@@ -416,10 +409,12 @@ def main(argv):
         sens = sensitivities(student.model, val, quant, cfg)
         result = run_search(search, student, sens)
         report(result, cfg)
+        meta = artifact_meta(cfg, teacher, new_run_id())
+        dynamic = dynamic_quantization(result.chosen, teacher, ctx, meta)
         seconds = {"distillation": t_search - t_start, "scratch_control": control_s,
                    "sensitivity_and_search": time.time() - t_search - control_s,
                    "total": time.time() - t_start - control_s}
-        write_artifacts(result, student, control, teacher, ctx, cfg, seconds)
+        write_artifacts(result, student, control, dynamic, teacher, ctx, cfg, seconds, meta)
 
 
 if __name__ == "__main__":

@@ -21,13 +21,13 @@ from utils.checkpoint import ARTIFACTS, CONTROL, MADE_BY, load_checkpoint, load_
 from utils.config import UserError, check_range, configure, run_cli
 from utils.data import load_dataset
 from utils.device import pick_device
-from utils.files import atomic_write_text, file_digest, out_dir_lock
+from utils.files import atomic_write_text, file_digest, out_dir_lock, write_json
 from utils.measure import (Timing, accuracy_interval, eager_latency, gzip_size, machine_info, model_correct,
                            ort_correct, ort_latency, paired_drop_interval, percent, results_table)
 from utils.plots import plot_pareto, plot_training
-from utils.quantize import export_onnx, load_seed_recipe, onnx_metadata, onnx_param_counts
+from utils.quantize import export_onnx, load_dynamic_quant, onnx_metadata, onnx_param_counts
 from utils.sparse import SparseFormatError, read_sparse
-from utils.train import METRICS_FILE as _METRICS_FILE  # not a constant of this script
+from utils.train import METRICS_FILE
 
 # -----------------------------------------------------------------------------------------------
 DATA_DIR = "data"            # the data the baseline was trained on (CIFAR-10 or ImageFolder root); env DATA_DIR too
@@ -43,7 +43,7 @@ EVAL_BATCH = 500             # batch size of the accuracy pass
 # -----------------------------------------------------------------------------------------------
 FLOAT_STAGES = ("baseline", "scratch", "student", "pruned")
 INT8_STAGES = ("int8", "int8_sparse")
-RUN_FILES = ("pruned", "int8", "int8_sparse", "seed_recipe", "search")  # written together by compress_model.py
+RUN_FILES = ("pruned", "int8", "int8_sparse", "dynamic_quant", "search")  # written together by compress_model.py
 
 
 def check_config(cfg):
@@ -70,8 +70,8 @@ def read_artifact(stage, path):
     if stage in FLOAT_STAGES:
         ckpt = load_checkpoint(path, stage, finished=True)
         return Artifact(stage, path, load_model(ckpt, path), ckpt.get("run_id"))
-    if stage == "seed_recipe":
-        model, ckpt = load_seed_recipe(path)
+    if stage == "dynamic_quant":
+        model, ckpt = load_dynamic_quant(path)
         return Artifact(stage, path, model, ckpt.get("run_id"))
     try:
         if stage == "int8_sparse":
@@ -95,7 +95,7 @@ def read_search(out):
             search = json.load(f)
     except ValueError as e:
         raise UserError(f"{path} is unreadable (corrupt or truncated?): {type(e).__name__}; rerun compress_model.py")
-    needed = {"candidates", "chosen", "floor", "objective", "reference", "seed_recipe", "baseline_val_acc"}
+    needed = {"candidates", "chosen", "floor", "objective", "reference", "dynamic_quant", "baseline_val_acc"}
     if not isinstance(search, dict) or not needed <= set(search):
         raise UserError(f"{path} lacks what evaluate_results.py reads (an older or foreign file?); rerun "
                         f"compress_model.py")
@@ -158,8 +158,8 @@ def measure_int8(art, test, cfg, timing):
                                                                               timing)}}
 
 
-def measure_seed_recipe(art, test, cfg, timing):
-    return {"stage": "seed_recipe", "artifact": art.path, "runtime": "pytorch (eager)",
+def measure_dynamic_quant(art, test, cfg, timing):
+    return {"stage": "dynamic_quant", "artifact": art.path, "runtime": "pytorch (eager)",
             "correct": model_correct(art.model, test, "cpu", cfg["EVAL_BATCH"]),
             "params": None, "nonzero_params": None,
             "latency": {"pytorch": eager_latency(art.model, test.x[:64].float() / 255, timing)}}
@@ -169,7 +169,7 @@ def measure_all(artifacts, test, cfg, timing):
     rows = []
     for stage, art in artifacts.items():
         measure = (measure_float if stage in FLOAT_STAGES else measure_int8 if stage in INT8_STAGES
-                   else measure_seed_recipe)
+                   else measure_dynamic_quant)
         rows.append(measure(art, test, cfg, timing))
         print(f"measured {stage}: test accuracy {percent(rows[-1]['correct']):.2f}%", flush=True)
     add_comparisons(rows)
@@ -224,7 +224,7 @@ def draw(search, cfg):
     """pareto.png (the search's candidates against size and speed) and training.png (metrics.jsonl)."""
     out = cfg["OUT_DIR"]
     plot_pareto(search, os.path.join(out, "pareto.png"))
-    drew = plot_training(os.path.join(out, _METRICS_FILE), os.path.join(out, "training.png"))
+    drew = plot_training(os.path.join(out, METRICS_FILE), os.path.join(out, "training.png"))
     print(f"search: {choice_summary(search)}; Pareto fronts in "
           f"{out}/pareto.png{'; training curves in ' + out + '/training.png' if drew else ''}")
 
@@ -239,9 +239,9 @@ def write_results(rows, search, test, cfg, timing):
     keys = ("run_id", "chosen", "student", "objective", "max_acc_drop", "floor", "baseline_val_acc", "budget_met",
             "seconds")
     atomic_write_text(os.path.join(cfg["OUT_DIR"], "results.md"), header + table + "\n")
-    atomic_write_text(os.path.join(cfg["OUT_DIR"], "results.json"), json.dumps(
+    write_json(os.path.join(cfg["OUT_DIR"], "results.json"),
         {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "config": cfg, "machine": machine,
-         "test_images": len(test.x), "search": {k: search.get(k) for k in keys}, "rows": rows}, indent=2) + "\n")
+         "test_images": len(test.x), "search": {k: search.get(k) for k in keys}, "rows": rows}, indent=2)
 
 
 def main(argv):

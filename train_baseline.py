@@ -12,11 +12,11 @@ import torch
 from utils.checkpoint import ARTIFACTS, versions
 from utils.config import UserError, check_choice, check_range, configure, run_cli
 from utils.data import load_dataset, train_val_split
-from utils.device import AMP_DTYPES, pick_device
+from utils.device import check_amp_dtype, pick_device
 from utils.files import out_dir_lock
 from utils.measure import model_accuracy
 from utils.models import ARCHS, ResNet, whiten_stem, zero_init_residual
-from utils.train import Stage, TrainRecipe, cross_entropy_objective, fit
+from utils.train import Stage, cross_entropy_objective, fit, placed_for_training, recipe_from
 
 # -----------------------------------------------------------------------------------------------
 DATA_DIR = "data"            # CIFAR-10 (torchvision layout) or an ImageFolder root with train/ and test/; env DATA_DIR too
@@ -25,8 +25,8 @@ OUT_DIR = "runs"             # checkpoints, artifacts, results and the decoded-i
 PROFILE = "auto"             # auto | cpu | gpu: defaults below for the CPU, replaced by _PROFILES["gpu"] on CUDA
 DEVICE = "auto"              # auto | cpu | cuda
 ARCH = "resnet18_s2"         # resnet18_s2 (3x3 stride-2 stem: 16x16 maps) | resnet18_pool (3x3 stride-1 conv +
-                             # 2x2 max-pool: 16x16 maps, 12% slower) | resnet18_cifar (stride 1: 32x32, 4x the
-                             # compute) | resnet18_stock (torchvision's ImageNet stem: 8x8 maps, 8 points less)
+                             # 2x2 max-pool: 16x16 maps) | resnet18_cifar (stride 1: 32x32 maps, 4x the MACs) |
+                             # resnet18_stock (torchvision's ImageNet stem: 8x8 maps); docs/experiments.md compares them
 EPOCHS = 16                  # passes over the training split
 BATCH_SIZE = 256             # images per step
 LR = 0.2                     # peak learning rate of the one-cycle schedule
@@ -39,7 +39,7 @@ WHITEN_IMAGES = 5000         # training images whose patches the whitening is co
 VAL_SIZE = 5000              # training images held out for validation (all choices; the test split only reports)
 TRAIN_SUBSET = 0             # train on the first N images of the training split only (0 = all); for quick tries
 CHANNELS_LAST = True         # channels-last memory format (faster convolutions on CPU and GPU)
-AMP_DTYPE = "float32"        # float32 | bfloat16 | float16: autocast dtype of training (bf16 is slow on most CPUs)
+AMP_DTYPE = "float32"        # float32 | bfloat16: autocast dtype of training (bf16 is slow on most CPUs)
 SEED = 0                     # seed of the validation split, initialisation and batch order
 # -----------------------------------------------------------------------------------------------
 _PROFILES = {"cpu": {}, "gpu": {"ARCH": "resnet18_cifar", "EPOCHS": 40, "BATCH_SIZE": 512, "LR": 0.4,
@@ -48,7 +48,7 @@ _PROFILES = {"cpu": {}, "gpu": {"ARCH": "resnet18_cifar", "EPOCHS": 40, "BATCH_S
 
 def check_config(cfg):
     check_choice(cfg, "ARCH", tuple(ARCHS))
-    check_choice(cfg, "AMP_DTYPE", AMP_DTYPES)
+    check_amp_dtype(cfg)
     for name in ("EPOCHS", "BATCH_SIZE", "VAL_SIZE"):
         check_range(cfg, name, 1, 10**9)
     for name in ("TRAIN_SUBSET", "LOOKAHEAD"):
@@ -78,14 +78,9 @@ def build(cfg, train):
     model = zero_init_residual(ResNet(**ARCHS[cfg["ARCH"]], num_classes=len(train.classes)))
     if cfg["WHITEN_STEM"]:
         whiten_stem(model, train.x[:cfg["WHITEN_IMAGES"]].cpu())
-    model = model.to(cfg["DEVICE"])
-    if cfg["CHANNELS_LAST"]:
-        model = model.to(memory_format=torch.channels_last)
+    model = placed_for_training(model, cfg["DEVICE"], cfg["CHANNELS_LAST"])
     print(f"model: {cfg['ARCH']}, {sum(p.numel() for p in model.parameters()):,} parameters, on {cfg['DEVICE']}")
-    recipe = TrainRecipe(lr=cfg["LR"], epochs=cfg["EPOCHS"], batch_size=cfg["BATCH_SIZE"], momentum=cfg["MOMENTUM"],
-                         weight_decay=cfg["WEIGHT_DECAY"], seed=cfg["SEED"], channels_last=cfg["CHANNELS_LAST"],
-                         amp_dtype=cfg["AMP_DTYPE"], lookahead=cfg["LOOKAHEAD"])
-    return model, recipe
+    return model, recipe_from(cfg, cfg["LR"], cfg["EPOCHS"])
 
 
 def main(argv):

@@ -1,4 +1,5 @@
-"""Tiny synthetic CIFAR-like data (ImageFolder and torchvision pickle layouts) and a tiny pipeline run."""
+"""Tiny synthetic CIFAR-like data (ImageFolder and torchvision pickle layouts), a tiny pipeline run, the helpers
+the test files share, and the slow tier (tests that run the pipeline or a script end to end)."""
 import os
 import pickle
 import sys
@@ -9,6 +10,8 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils.config import run_cli  # noqa: E402  (the repository root is on the path from here)
+from utils.models import ResNet  # noqa: E402
 
 # One fixed thread count for every test: float sums (and so the tiny search's choices) depend on it, and the same
 # seeds must give the same results on every run, whatever ran before in this process.
@@ -55,6 +58,46 @@ def write_cifar_pickles(root, per_batch=40, n_test=40):
     return str(root)
 
 
+# Helpers shared by the test files -------------------------------------------------------------------
+
+def tiny_data(n=64, seed=0):
+    """(x uint8, y) of n 32x32 images whose class (of 4) shows in one colour channel."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 4
+    x = torch.randint(0, 80, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
+    x[torch.arange(n), y % 3] += 150
+    return x, y
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return ResNet(stem="stride2", widths=(8, 16, 32, 64), num_classes=4)
+
+
+def cli(main, argv, capsys, monkeypatch):
+    """Run a script's main as the shell would: returns (exit status, stdout, stderr)."""
+    monkeypatch.setattr("sys.argv", ["script"] + argv)
+    try:
+        run_cli(main)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *words):
+    assert code == 2, err
+    lines = err.strip().splitlines()  # progress bars of work done before the mistake showed may come first
+    errors = [line for line in lines if "error" in line.lower()]
+    assert len(errors) == 1 and lines[-1].startswith("error: ") and "Traceback" not in err, err
+    assert all(w in lines[-1] for w in words), lines[-1]
+
+
+def no_temp_files(folder):
+    return not [f for root, _, files in os.walk(folder) for f in files if ".tmp" in f]
+
+
 @pytest.fixture(scope="session")
 def imagefolder(tmp_path_factory):
     return write_imagefolder(tmp_path_factory.mktemp("imagefolder"))
@@ -83,3 +126,13 @@ def pipeline(imagefolder, tmp_path_factory):
     compress_model.main(common + COMPRESS_FLAGS)
     evaluate_results.main(common + EVAL_FLAGS)
     return out
+
+
+# Fixtures that run the tiny pipeline (or benchmark.py / gpu_check.sh): a test using one is in the slow tier.
+SLOW_FIXTURES = {"pipeline", "smoke_run", "resumed_full_run", "archive"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -1,25 +1,24 @@
 """Helpers never change the model they are given (training flag, memory format, dtype, device, weights), and the
-GPU profile's code paths (bf16 autocast, the GPU constants, scripts/gpu_check.sh) run on the CPU."""
+choices of the GPU path (bf16 autocast, the loss read once per epoch, float16 refused, measuring on the training
+device) hold on the CPU; test_benchmark.py runs scripts/gpu_check.sh."""
 import json
-import os
-import subprocess
-import tarfile
 
 import torch
 
-from conftest import COMPRESS_FLAGS, EVAL_FLAGS, TRAIN_FLAGS
-from test_units import tiny_data, tiny_model
+import train_baseline
+from conftest import assert_one_line_error, cli, tiny_data, tiny_model
+from utils import search as search_module
+from utils import sensitivity as sensitivity_module
 from utils.checkpoint import count_params, cpu_copy
-from utils.data import Split
-from utils.device import autocast
+from utils.data import Split, batches, num_batches
+from utils.device import autocast, exact_float32
 from utils.measure import Timing, eager_latency, model_accuracy
+from utils.models import count_macs
 from utils.prune import magnitude_masks, structured_prune
-from utils.quantize import Quantization, export_onnx, seed_recipe_model
-from utils.search import SearchContext, reference_point
+from utils.quantize import Quantization, export_onnx, dynamic_quant_model
+from utils.search import SearchContext, measure_candidate, reference_point
 from utils.sensitivity import sensitivity_analysis
-from utils.train import Stage, TrainRecipe, cross_entropy_objective, fit
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from utils.train import Stage, TrainRecipe, cross_entropy_objective, fit, sgd_one_cycle, train_one_epoch
 
 
 def live_model():
@@ -64,7 +63,7 @@ def test_accuracy_latency_copies_and_counts_leave_the_model_as_it_was():
     eager_latency(model, torch.rand(64, 3, 32, 32), Timing(threads=1, runs_b1=2, runs_b64=1, warmup=1))
     cpu_copy(model)
     count_params(model)
-    seed_recipe_model(model)
+    dynamic_quant_model(model)
     structured_prune(model, {"layer1.0": 4})
     assert_unchanged(model, before)
     assert torch.get_num_threads() == 2, "the latency helper must restore the thread count"
@@ -98,32 +97,71 @@ def test_bf16_autocast_path_runs_on_cpu(tmp_path):
     assert [r["stage"] for r in records] == ["student"] * 2 and records[0]["images_per_s"] > 0
 
 
-def dedupe_by_name(flags):
-    """--NAME=VALUE flags with each name once, the last value winning."""
-    return list({f.split("=", 1)[0]: f for f in flags}.values())
+def test_training_sums_the_loss_as_adding_each_step_on_the_host_did():
+    """The epoch's loss, summed on the device and read once, is the float64 sum of each step's loss.item()."""
+    model, (x, y) = tiny_model(), tiny_data(48)
+    seen = []
+
+    def objective(m, batch):
+        loss = torch.nn.functional.cross_entropy(m(batch.x), batch.y)
+        seen.append((loss.item(), len(batch.y)))
+        return loss
+    recipe = TrainRecipe(lr=0.05, epochs=2, batch_size=16, momentum=0.9, weight_decay=0.0, seed=0)
+    opt, sched = sgd_one_cycle(model, recipe, num_batches(48, 16, True))
+    loader = batches(x, y, 16, "cpu", shuffle=True, train=True, generator=torch.Generator().manual_seed(0))
+    mean = train_one_epoch(model, objective, opt, sched, loader, 3, "test")
+    total = 0.0
+    for value, n in seen:
+        total += value * n
+    assert len(seen) == 3 and mean == total / 48
 
 
-def test_gpu_profile_runs_on_cpu_through_gpu_check(imagefolder, tmp_path):
-    """scripts/gpu_check.sh as a borrowed GPU machine runs it, with --DEVICE=cpu and tiny constants: the data
-    archive unpacked, the three scripts and benchmark.py with the GPU profile (bf16 autocast, CIFAR stems)."""
-    archive = tmp_path / "cifar10.tar.xz"
-    with tarfile.open(archive, "w:xz") as tar:
-        tar.add(imagefolder, arcname="cifar10")
-    short = ["--EPOCHS=1", "--KD_EPOCHS=1", "--AGP_STEPS=1", "--FINAL_EPOCHS=0", "--STUDENTS=cifar:8-16-32-64:1"]
-    flags = ["--DEVICE=cpu", "--REFERENCE_SECONDS=0.5"] + TRAIN_FLAGS[:-1] + COMPRESS_FLAGS[:-1] + EVAL_FLAGS + short
-    env = {**os.environ, "GPU_CHECK_ARCHIVE": str(archive), "OUT": str(tmp_path / "out"),
-           "GPU_CHECK_FLAGS": " ".join(dedupe_by_name(flags))}
-    proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh")], env=env, capture_output=True,
-                          text=True, stdin=subprocess.DEVNULL)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    bench = json.load(open(tmp_path / "out" / "benchmark.json"))
-    config = bench["results"]["config"]
-    assert bench["profile"] == "gpu" and config["PROFILE"] == "gpu" and config["DEVICE"] == "cpu"
-    assert {c["target"] for c in bench["checks"]} >= {"baseline training within 3 minutes"}
-    assert set(bench["stage_speeds"]) == {"baseline", "student", "scratch", "struct1", "sparse1"}
-    assert bench["reference_workload"]["images_per_s"] > 0
-    search = json.load(open(tmp_path / "out" / "search.json"))
-    assert search["config"]["AMP_DTYPE"] == "bfloat16" and search["config"]["TEACHER_VIEWS"] == 0
-    assert "baseline" in proc.stdout and "img/s" in proc.stdout
-    for name in ("results.md", "training.png", "gpu_check.log"):
-        assert os.path.getsize(tmp_path / "out" / name) > 0
+def test_float16_training_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    code, _, err = cli(train_baseline.main, [f"--OUT_DIR={tmp_path}", "--AMP_DTYPE=float16"], capsys, monkeypatch)
+    assert_one_line_error(code, err, "float16", "gradient scaler", "bfloat16")
+
+
+def recorded_devices(monkeypatch, module):
+    """The `device` argument of every model_accuracy call made through `module`."""
+    calls, real = [], module.model_accuracy
+
+    def spy(model, split, device="cpu", *args, **kwargs):
+        calls.append(str(device))
+        return real(model, split, device, *args, **kwargs)
+    monkeypatch.setattr(module, "model_accuracy", spy)
+    return calls
+
+
+def test_candidates_and_the_sensitivity_analysis_are_measured_on_the_training_device(tmp_path, monkeypatch):
+    """'cpu:0' stands for a GPU here: a helper that ignored the training device would measure on plain 'cpu'."""
+    model, val = cpu_copy(tiny_model()), Split(*tiny_data(32, 1), ["a", "b", "c", "d"])
+    quant = Quantization(tiny_data(16)[0].float() / 255)
+    ctx = SearchContext(val=val, base_correct=torch.ones(32, dtype=torch.bool), max_drop=100.0, quant=quant,
+                        timing=Timing(threads=1, runs_b1=2, runs_b64=1, warmup=1), x_latency=torch.rand(4, 3, 32, 32),
+                        work_dir=str(tmp_path), device="cpu:0")
+    ctx.reference = {"bytes": 10**6, "macs": 10**9, "b1_ms": 1.0, "b64_ms": 10.0}
+    calls = recorded_devices(monkeypatch, search_module)
+    measure_candidate("c", model, ctx, None, 0, macs=count_macs(model))
+    assert calls == ["cpu:0"]
+    calls = recorded_devices(monkeypatch, sensitivity_module)
+    onnx_path = export_onnx(model, str(tmp_path / "m.onnx"))
+    sensitivity_analysis(model, onnx_path, quant, val, device="cpu:0")
+    assert len(calls) > 2 and set(calls) == {"cpu:0"}
+
+
+def test_exact_float32_works_beside_the_newer_precision_settings_and_restores_them():
+    """torch 2.9 and later refuse the old allow_tf32 switches once the fp32_precision settings are used; the
+    block uses whichever this torch has, and leaves them as they were."""
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):  # an older torch: the allow_tf32 switches
+        with exact_float32():
+            assert not matmul.allow_tf32
+        return
+    conv, before = torch.backends.cudnn.conv, (matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
+    conv.fp32_precision = "tf32"
+    try:
+        with exact_float32():
+            assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
+        assert conv.fp32_precision == "tf32"
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = before

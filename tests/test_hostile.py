@@ -17,16 +17,15 @@ import torch
 import compress_model
 import evaluate_results
 import train_baseline
-from conftest import COMPRESS_FLAGS, EVAL_FLAGS, TRAIN_FLAGS, write_cifar_pickles
-from test_cli import assert_one_line_error, cli, no_temp_files
-from test_units import tiny_data, tiny_model
+from conftest import (COMPRESS_FLAGS, EVAL_FLAGS, TRAIN_FLAGS, assert_one_line_error, cli, no_temp_files, tiny_data,
+                      tiny_model, write_cifar_pickles)
 from utils.data import Split, load_dataset
 from utils.files import LOCK_NAME, atomic_path, out_dir_lock, pid_alive
 from utils.quantize import Quantization
 from utils.sparse import MAGIC, SparseFormatError, _chunk, read_sparse
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUN_FILES = ["pruned.pth", "int8.onnx", "int8.sparse", "seed_recipe.pth", "search.json"]
+RUN_FILES = ["pruned.pth", "int8.onnx", "int8.sparse", "dynamic_quant.pth", "search.json"]
 
 
 def copy_run(pipeline, tmp_path):
@@ -269,14 +268,14 @@ def test_a_sparse_archive_with_bad_content_is_one_line(pipeline, imagefolder, tm
 
 
 def test_a_truncated_sensitivity_json_is_measured_again(tmp_path, capsys):
-    cfg = {"OUT_DIR": str(tmp_path), "SENS_IMAGES": 16, "CALIB_IMAGES": 16}
+    cfg = {"OUT_DIR": str(tmp_path), "SENS_IMAGES": 16, "CALIB_IMAGES": 16, "DEVICE": "cpu"}
     val = Split(*tiny_data(16), ["a", "b", "c", "d"])
     quant = Quantization(tiny_data(16)[0].float() / 255)
     first = compress_model.sensitivities(tiny_model(), val, quant, cfg)
     text = (tmp_path / "sensitivity.json").read_text()
     (tmp_path / "sensitivity.json").write_text(text[:len(text) // 2])
     again = compress_model.sensitivities(tiny_model(), val, quant, cfg)
-    assert "unreadable, measuring again" in capsys.readouterr().out and again == first
+    assert "unreadable, computing it again" in capsys.readouterr().out and again == first
 
 
 # 6. Leftovers -------------------------------------------------------------------------------------------------

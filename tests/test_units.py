@@ -13,6 +13,7 @@ from utils.data import Split, batches, fixed_views
 from utils.measure import accuracy_interval, paired_drop_bound, paired_drop_interval
 from utils.models import ARCHS, ResNet, build_model, count_macs, parse_arch, whiten_stem
 from utils.search import SearchContext
+from conftest import tiny_data, tiny_model
 from utils.train import (Lookahead, Stage, TrainRecipe, cross_entropy_objective, distillation_objective, fit,
                          kd_loss, teacher_logits, teacher_outputs)
 
@@ -31,19 +32,6 @@ def test_kd_loss_matches_hand_computation():
     expected = alpha * T * T * kl + (1 - alpha) * ce
     got = kd_loss(torch.tensor(s), torch.tensor(t), torch.tensor(y), T, alpha)
     assert got.item() == pytest.approx(expected, rel=1e-5)
-
-
-def tiny_data(n=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % 4
-    x = torch.randint(0, 80, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
-    x[torch.arange(n), y % 3] += 150
-    return x, y
-
-
-def tiny_model():
-    torch.manual_seed(0)
-    return ResNet(stem="stride2", widths=(8, 16, 32, 64), num_classes=4)
 
 
 def test_per_layer_pruning_is_exact_and_kept_through_finetuning(tmp_path):

@@ -9,7 +9,7 @@ models       the ResNet family (stems, widths, per-block inner widths) rebuilt f
 checkpoint   self-describing checkpoints, plain CPU copies, parameter counts
 measure      accuracy (eager, ONNX Runtime), the one latency helper, machine speed, the results table
 train        the one training loop (TrainRecipe, Stage), objectives, metrics.jsonl
-quantize     ONNX export, static INT8 with ONNX Runtime, the original README's recipe
+quantize     ONNX export, static INT8 with ONNX Runtime, PyTorch's dynamic quantization for comparison
 prune        structured and unstructured pruning, ratio allocation, the AGP schedule
 sparse       the compact archive of a sparse INT8 model (int8.sparse)
 sensitivity  per-layer sensitivity to pruning and INT8

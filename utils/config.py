@@ -26,9 +26,16 @@ def run_cli(main):
 
 
 def script_constants(namespace):
-    """The UPPERCASE names of plain values (str, int, float, bool) in a script's namespace: its constants block."""
-    return {k: v for k, v in namespace.items()
-            if k.isupper() and not k.startswith("_") and isinstance(v, (str, int, float, bool))}
+    """A script's constants block: the UPPERCASE names (not starting with _) that the script's own top level
+    assigns a plain value (str, int, float, bool), in the order they are assigned. Names it imports are not
+    its constants, whatever their case. `namespace`: the script's globals()."""
+    with open(namespace["__file__"]) as f:
+        tree = ast.parse(f.read())
+    assigned = [target.id for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
+                for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                if isinstance(target, ast.Name)]
+    return {k: namespace[k] for k in dict.fromkeys(assigned)
+            if k.isupper() and not k.startswith("_") and isinstance(namespace.get(k), (str, int, float, bool))}
 
 
 def parse_value(name, text, default):

@@ -11,7 +11,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from .config import UserError
-from .files import atomic_save
+from .files import cache_or_compute
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp")
 CACHE_FORMAT = "uint8-cache-v2"
@@ -147,28 +147,29 @@ def files_fingerprint(data_dir, layout):
     return h.hexdigest()[:16]
 
 
-def cache_path(cache_dir, data_dir, layout, size):
+def cache_key(data_dir, layout, size):
+    """What the decoded images were made from: the folder, its layout and image size, the cache format and the
+    files' names, sizes and times."""
     fingerprint = files_fingerprint(data_dir, layout) if os.path.isdir(data_dir) else "none"
-    key = f"{os.path.abspath(data_dir)}|{layout}|{size}|{CACHE_FORMAT}|{fingerprint}"
+    return f"{os.path.abspath(data_dir)}|{layout}|{size}|{CACHE_FORMAT}|{fingerprint}"
+
+
+def cache_path(cache_dir, key):
     return os.path.join(cache_dir, f"data_{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt")
 
 
 def load_dataset(data_dir, download, cache_dir, image_size=32):
     """{'train': Split, 'test': Split} with x uint8 (N, 3, H, W); decoded once, then read from the cache."""
     layout = detect_layout(data_dir, download)
-    path = cache_path(cache_dir, data_dir, layout, image_size)
-    if os.path.exists(path):
-        try:
-            cached = torch.load(path, weights_only=True)
-            print(f"data: {data_dir} ({layout}) from cache {path}")
-            return {s: Split(cached[s]["x"], cached[s]["y"], cached["classes"]) for s in ("train", "test")}
-        except Exception:
-            print(f"data: cache {path} is unreadable, decoding again")
-    data = load_imagefolder(data_dir, image_size) if layout == "imagefolder" else load_cifar10(data_dir, download)
-    atomic_save({"classes": data["train"].classes, "source": os.path.abspath(data_dir), "layout": layout,
-                 **{s: {"x": data[s].x, "y": data[s].y} for s in ("train", "test")}}, path)
-    print(f"data: {data_dir} ({layout}) decoded and cached in {path}")
-    return data
+    key = cache_key(data_dir, layout, image_size)
+
+    def decode():
+        data = load_imagefolder(data_dir, image_size) if layout == "imagefolder" else load_cifar10(data_dir, download)
+        print(f"data: {data_dir} ({layout}) decoded")
+        return {"classes": data["train"].classes, "source": os.path.abspath(data_dir), "layout": layout,
+                **{s: {"x": data[s].x, "y": data[s].y} for s in ("train", "test")}}
+    cached = cache_or_compute(cache_path(cache_dir, key), key, decode, "data")
+    return {s: Split(cached[s]["x"], cached[s]["y"], cached["classes"]) for s in ("train", "test")}
 
 
 def train_val_split(train, val_size, seed, subset=0):
@@ -221,6 +222,11 @@ def fixed_views(n, views, seed):
     return torch.stack([augment_params(n, generator) for _ in range(views)])
 
 
+def _to(t, device):
+    """`t` on `device`; asynchronous only towards a GPU (a copy to the CPU must be complete before it is read)."""
+    return t.to(device, non_blocking=torch.device(device).type == "cuda")
+
+
 def batches(x, y, batch_size, device, shuffle=False, train=False, generator=None, channels_last=False, view=None):
     """Yield Batches on `device`; with train=True shuffled, augmented, last partial dropped. view: (index, (3, N)
     params) of a fixed augmentation view for every image (fixed_views), instead of fresh random ones."""
@@ -228,14 +234,14 @@ def batches(x, y, batch_size, device, shuffle=False, train=False, generator=None
     stop = len(x) - len(x) % batch_size if train and len(x) >= batch_size else len(x)
     for i in range(0, stop, batch_size):
         idx = order[i:i + batch_size]
-        xb = x[idx.to(x.device)].to(device, non_blocking=True).float().div_(255)
+        xb = _to(x[idx.to(x.device)], device).float().div_(255)
         if view is not None:
             xb = apply_augment(xb, view[1][:, idx])
         elif train:
             xb = apply_augment(xb, augment_params(len(xb), generator))
         if channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
-        yield Batch(xb, y[idx.to(y.device)].to(device, non_blocking=True), idx, -1 if view is None else view[0])
+        yield Batch(xb, _to(y[idx.to(y.device)], device), idx, -1 if view is None else view[0])
 
 
 def num_batches(n, batch_size, train):

@@ -6,7 +6,7 @@ import torch
 
 from .config import UserError
 
-AMP_DTYPES = ("float32", "bfloat16", "float16")
+AMP_DTYPES = ("float32", "bfloat16")  # float16 is refused: training has no gradient scaler (check_amp_dtype)
 
 
 def pick_device(name):
@@ -18,6 +18,15 @@ def pick_device(name):
     return name
 
 
+def check_amp_dtype(cfg):
+    """AMP_DTYPE one of AMP_DTYPES, with the reason when it is float16."""
+    if cfg["AMP_DTYPE"] == "float16":
+        raise UserError("--AMP_DTYPE=float16 is refused: training has no gradient scaler, so float16 gradients "
+                        "would underflow; use bfloat16 (same speed on GPUs from Ampere on) or float32")
+    if cfg["AMP_DTYPE"] not in AMP_DTYPES:
+        raise UserError(f"--AMP_DTYPE must be one of {', '.join(AMP_DTYPES)}, got {cfg['AMP_DTYPE']!r}")
+
+
 def autocast(device, amp_dtype):
     """Mixed-precision autocast in `amp_dtype` on `device` (CPU too, so the bf16 path can be tested anywhere);
     plain float32 when amp_dtype is 'float32'."""
@@ -26,16 +35,53 @@ def autocast(device, amp_dtype):
     return torch.autocast(device_type=device, dtype=getattr(torch, amp_dtype))
 
 
+def _precision_settings():
+    """The backend objects whose float32 precision is set: the fp32_precision settings of torch 2.9 and later
+    (mixing them with the older allow_tf32 switches is an error there), else the allow_tf32 switches."""
+    conv, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision") and hasattr(getattr(conv, "conv", None), "fp32_precision"):
+        return [(conv.conv, "fp32_precision", "ieee"), (matmul, "fp32_precision", "ieee")]
+    return [(conv, "allow_tf32", False), (matmul, "allow_tf32", False)]
+
+
 @contextlib.contextmanager
 def exact_float32():
     """True float32 inside the block (no TF32 in cuDNN convolutions or matrix products), as the CPU computes it:
     the accuracies that decide (the budget floor, each candidate) are measured alike on every device."""
-    conv, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    settings = _precision_settings()
+    before = [getattr(obj, name) for obj, name, _ in settings]
+    for obj, name, exact in settings:
+        setattr(obj, name, exact)
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, matmul
+        for (obj, name, _), value in zip(settings, before):
+            setattr(obj, name, value)
+
+
+@contextlib.contextmanager
+def cudnn_autotune(device):
+    """cuDNN's benchmark mode for the block when `device` is CUDA (every training shape is fixed, so the fastest
+    convolution algorithms are picked once), then restored; nothing on the CPU."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = before or torch.device(device).type == "cuda"
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+def reset_peak_gpu_memory(device):
+    """Start counting peak GPU memory afresh (peak_gpu_mib); nothing on the CPU."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gpu_mib(device):
+    """Peak GPU memory allocated on `device` since reset_peak_gpu_memory (MiB), None on the CPU."""
+    if torch.device(device).type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**20
 
 
 @contextlib.contextmanager

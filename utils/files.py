@@ -6,6 +6,7 @@ later run can tell a dead process's leftovers (pid no longer running) from a liv
 """
 import contextlib
 import hashlib
+import json
 import os
 import re
 import secrets
@@ -55,6 +56,38 @@ def atomic_save(obj, path):
 def atomic_write_text(path, text):
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.write(text)
+
+
+def write_json(path, obj, indent=1):
+    """`obj` as indented JSON with a final newline, written atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def cache_or_compute(path, key, compute, what):
+    """The dict stored at `path` when it was made from `key`, else compute() (a dict), stored there beside the key
+    (atomically: JSON for a .json path, else torch.save, read back weights-only) and returned. A file that is
+    unreadable or made from another key is computed again; one line says which happened."""
+    if os.path.exists(path):
+        try:
+            if path.endswith(".json"):
+                with open(path) as f:
+                    saved = json.load(f)
+            else:
+                import torch
+                saved = torch.load(path, weights_only=True)
+            if saved.get("key") == key:
+                print(f"{what}: reusing {path}")
+                return {k: v for k, v in saved.items() if k != "key"}
+            print(f"{what}: {path} was made from other inputs, computing it again")
+        except Exception:  # truncated, foreign or from an older format: computed again
+            print(f"{what}: {path} is unreadable, computing it again")
+    value = compute()
+    record = {"key": key, **value}
+    if path.endswith(".json"):
+        write_json(path, record)
+    else:
+        atomic_save(record, path)
+    return value
 
 
 def atomic_write_bytes(path, data):

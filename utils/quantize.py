@@ -1,6 +1,8 @@
 """From a float model to the artifact that ships: ONNX export (on a copy), static post-training INT8 with ONNX
 Runtime (QDQ format, per-channel weights, calibrated on training images), optionally with some layers kept in
-float; the ONNX file's metadata and parameter counts; and the original README's recipe, for comparison."""
+float; the ONNX file's metadata and parameter counts; and PyTorch's dynamic quantization, for comparison: the
+quantization a PyTorch user tries first, which leaves every convolution in float and so shows what static INT8
+adds."""
 import contextlib
 import copy
 import io
@@ -111,8 +113,8 @@ def onnx_param_counts(model):
     return sum(a.size for a in arrays), sum(int(np.count_nonzero(a)) for a in arrays)
 
 
-def seed_recipe_model(model):
-    """The original README's 'quantization': torch.ao's quantize_dynamic over {Linear, Conv2d}, on a CPU copy. It
+def dynamic_quant_model(model):
+    """PyTorch's dynamic quantization: torch.ao's quantize_dynamic over {Linear, Conv2d}, on a CPU copy. It
     quantizes the Linear layer only; every Conv2d stays float32, which is why the file barely shrinks."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated; kept to show what it does
@@ -120,18 +122,18 @@ def seed_recipe_model(model):
         return quantize_dynamic(copy.deepcopy(model).cpu().eval(), {nn.Linear, nn.Conv2d}, dtype=torch.qint8)
 
 
-def seed_recipe(model, path, meta):
-    """Apply the original recipe to `model` and save its state_dict (in a self-describing dict) at `path`."""
-    quantized = seed_recipe_model(model)
-    atomic_save({**meta, "format": FORMAT, "stage": "seed_recipe", "versions": versions(),
+def dynamic_quant(model, path, meta):
+    """Dynamic quantization of `model`, its state_dict saved (in a self-describing dict) at `path`."""
+    quantized = dynamic_quant_model(model)
+    atomic_save({**meta, "format": FORMAT, "stage": "dynamic_quant", "versions": versions(),
                  "state_dict": quantized.state_dict()}, path)
     return quantized
 
 
-def load_seed_recipe(path):
-    """Rebuild the original recipe's model from its checkpoint: float model, quantize_dynamic, then its weights."""
-    ckpt = load_checkpoint(path, "seed_recipe")
-    model = seed_recipe_model(build_model(ckpt["model"]))
+def load_dynamic_quant(path):
+    """Rebuild the dynamically quantized model from its checkpoint: float model, quantize_dynamic, its weights."""
+    ckpt = load_checkpoint(path, "dynamic_quant")
+    model = dynamic_quant_model(build_model(ckpt["model"]))
     try:
         model.load_state_dict(ckpt["state_dict"])
     except (KeyError, RuntimeError) as e:

@@ -60,6 +60,7 @@ class SearchContext:
     timing: Timing          # how candidates are timed
     x_latency: torch.Tensor  # float images the latency is measured on (64)
     work_dir: str           # candidates' checkpoints, ONNX files and archives
+    device: str = "cpu"     # where eager float accuracies are measured (exact float32): the training device
     reference: dict = None  # the baseline: checkpoint bytes and float ONNX latency (reference_point)
     latency_cache: dict = field(default_factory=dict)  # {shape: (measured on, latency)}
 
@@ -145,8 +146,10 @@ def shared_latency(name, int8_path, shape, ctx):
 
 def measure_candidate(name, model, ctx, int8_drops, max_float_layers, **info):
     """Float accuracy, then export, quantize (with the fallback), archive and time one deployable model; returns
-    its log entry. info must hold its `macs` (models.count_macs)."""
-    float_val = model_accuracy(model, ctx.val)
+    its log entry. `model` is a CPU model; its float accuracy is measured on a copy on ctx.device. info must hold
+    its `macs` (models.count_macs)."""
+    on_device = model if ctx.device == "cpu" else copy.deepcopy(model).to(ctx.device)
+    float_val = model_accuracy(on_device, ctx.val, ctx.device)
     float_onnx = export_onnx(model, os.path.join(ctx.work_dir, f"{name}_fp32.onnx"))
     int8_path = os.path.join(ctx.work_dir, f"{name}.int8.onnx")
     # already under the floor in float: no fallback can help, plain INT8 is measured for the log
@@ -240,35 +243,55 @@ def structured_counts(student, curves, level, multiple):
     return counts
 
 
-def structured_walk(search, start, curves):
-    """Remove inner channels of the blocks step by step, each step from the last candidate kept, until one falls
-    under the floor. Returns the last candidate within the budget (or `start`)."""
-    plan, current = search.plan, start
-    for step in range(1, plan.struct_steps + 1):
-        level = plan.struct_max * step / plan.struct_steps
-        counts = structured_counts(start.model, curves, level, plan.channel_multiple)
-        cand = search.step(f"struct{step}", structured_prune(current.model, counts), current, plan.struct_epochs,
-                           {"mids": counts}, kind="structured", level=level)
+@dataclass(frozen=True)
+class PruneStep:
+    """One step of a walk: the candidate's name, how it is pruned from the last candidate kept (model -> (pruned
+    copy, what it was made from)), its fine-tuning epochs and what its log entry adds."""
+    name: str
+    prune: Callable
+    epochs: int
+    info: dict
+
+
+def walk(search, start, steps):
+    """The one walk over pruning steps: each step prunes the last candidate kept and is fine-tuned and measured,
+    until one falls under the floor. Returns the last candidate within the budget (or `start`)."""
+    current = start
+    for step in steps:
+        model, made_from = step.prune(current.model)
+        cand = search.step(step.name, model, current, step.epochs, made_from, **step.info)
         if not cand.entry["within_budget"]:
             break
         current = cand
     return current
 
 
-def agp_walk(search, start, curves):
-    """Gradual unstructured pruning on the cubic schedule, per-layer ratios from the sensitivities, each step from
-    the last one kept, until one falls under the floor."""
-    plan, current = search.plan, start
-    for step, target in enumerate(agp_schedule(plan.sparsity, plan.agp_steps), 1):
-        model = copy.deepcopy(current.model)  # earlier zeros are folded in; the new masks keep them (ratios grow)
-        sizes = {n: m.weight.numel() for n, m in prunable_layers(model).items()}
-        ratios = allocate(curves, sizes, target)
-        magnitude_masks(model, ratios)
-        cand = search.step(f"sparse{step}", model, current, plan.agp_epochs, {"ratios": ratios},
-                           kind="unstructured", target=target)
-        if not cand.entry["within_budget"]:
-            break
-        current = cand
+def structured_steps(plan, start, curves):
+    """Inner channels of the blocks removed at evenly spaced levels up to struct_max, the widths of each level
+    spread over the blocks by their sensitivity to it (from the start's widths)."""
+    steps = []
+    for k in range(1, plan.struct_steps + 1):
+        level = plan.struct_max * k / plan.struct_steps
+        counts = structured_counts(start.model, curves, level, plan.channel_multiple)
+        steps.append(PruneStep(f"struct{k}", lambda model, counts=counts: (structured_prune(model, counts),
+                                                                             {"mids": counts}),
+                               plan.struct_epochs, {"kind": "structured", "level": level}))
+    return steps
+
+
+def agp_steps(plan, curves):
+    """Gradual unstructured pruning on the cubic schedule to `sparsity`, per-layer ratios from the sensitivities;
+    earlier zeros are folded in and kept (the ratios only grow)."""
+    def prune_to(target):
+        def prune(model):
+            model = copy.deepcopy(model)
+            sizes = {n: m.weight.numel() for n, m in prunable_layers(model).items()}
+            ratios = allocate(curves, sizes, target)
+            magnitude_masks(model, ratios)
+            return model, {"ratios": ratios}
+        return prune
+    return [PruneStep(f"sparse{k}", prune_to(target), plan.agp_epochs, {"kind": "unstructured", "target": target})
+            for k, target in enumerate(agp_schedule(plan.sparsity, plan.agp_steps), 1)]
 
 
 def recovery(search, chosen):
@@ -308,9 +331,9 @@ def run_search(search, student, sens):
         else:  # plain INT8 again, the same model as the student's entry: not logged twice
             search.candidates.remove(mixed)
     student.int8_drops = sens.int8
-    kept = structured_walk(search, student, sens.structured)
+    kept = walk(search, student, structured_steps(plan, student, sens.structured))
     if plan.objective != "latency":
-        agp_walk(search, kept, sens.unstructured)
+        walk(search, kept, agp_steps(plan, sens.unstructured))
     chosen, met = choose(search.candidates, plan.objective)
     if chosen.entry["kind"] != "student" and met and plan.final_epochs:
         chosen = recovery(search, chosen)

@@ -27,27 +27,28 @@ CHANNEL_FRACTIONS = (0.25, 0.5, 0.75, 0.9)        # inner channels of one block 
 WEIGHT_FRACTIONS = (0.5, 0.7, 0.8, 0.9, 0.95)     # weights of one layer zeroed by magnitude
 
 
-def structured_sensitivity(model, val, fractions=CHANNEL_FRACTIONS):
-    """{block: [(fraction of inner channels removed, val accuracy drop in points)]}."""
-    base = model_accuracy(model, val)
+def structured_sensitivity(model, val, fractions=CHANNEL_FRACTIONS, device="cpu"):
+    """{block: [(fraction of inner channels removed, val accuracy drop in points)]}; `model` is on `device`."""
+    base = model_accuracy(model, val, device)
     curves = {}
     for name, block in blocks(model).items():
         width = block.conv1.out_channels
-        curves[name] = [(f, base - model_accuracy(structured_prune(model, {name: round(width * (1 - f))}), val))
+        curves[name] = [(f, base - model_accuracy(structured_prune(model, {name: round(width * (1 - f))}).to(device),
+                                                  val, device))
                         for f in fractions]
     return curves
 
 
-def unstructured_sensitivity(model, val, fractions=WEIGHT_FRACTIONS):
-    """{layer: [(fraction of its weights zeroed, val accuracy drop in points)]}."""
-    base = model_accuracy(model, val)
+def unstructured_sensitivity(model, val, fractions=WEIGHT_FRACTIONS, device="cpu"):
+    """{layer: [(fraction of its weights zeroed, val accuracy drop in points)]}; `model` is on `device`."""
+    base = model_accuracy(model, val, device)
     curves = {}
     for name in prunable_layers(model):
         curves[name] = []
         for f in fractions:
             pruned = copy.deepcopy(model)
             magnitude_masks(pruned, {name: f})
-            curves[name].append((f, base - model_accuracy(pruned, val)))
+            curves[name].append((f, base - model_accuracy(pruned, val, device)))
     return curves
 
 
@@ -77,8 +78,11 @@ def sensitivity_table(sens):
     return "\n".join(lines) + "\n"
 
 
-def sensitivity_analysis(model, float_onnx, quant, val):
-    """All three analyses on `val` (on a CPU copy of the float model, in eval mode; float_onnx is its export)."""
-    model = cpu_copy(model)
-    return {"structured": structured_sensitivity(model, val), "unstructured": unstructured_sensitivity(model, val),
+def sensitivity_analysis(model, float_onnx, quant, val, device="cpu"):
+    """All three analyses on `val`: the pruning ones on a float32 copy of the model in eval mode on `device` (the
+    training device: a GPU measures them in exact float32 in seconds), the INT8 one in ONNX Runtime on the CPU
+    (float_onnx is the model's export)."""
+    model = cpu_copy(model).to(device)
+    return {"structured": structured_sensitivity(model, val, device=device),
+            "unstructured": unstructured_sensitivity(model, val, device=device),
             "int8": int8_sensitivity(float_onnx, quant, val)}

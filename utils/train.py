@@ -13,7 +13,7 @@ from tqdm import tqdm
 from .checkpoint import Progress, check_same_model, load_checkpoint, load_clean_state_dict, write_checkpoint
 from .config import UserError
 from .data import batches, fixed_views, num_batches
-from .device import autocast
+from .device import autocast, cudnn_autotune, peak_gpu_mib, reset_peak_gpu_memory
 from .measure import model_accuracy
 
 METRICS_FILE = "metrics.jsonl"
@@ -29,11 +29,26 @@ class TrainRecipe:
     weight_decay: float
     seed: int                    # batch order and augmentation
     channels_last: bool = False  # feed batches channels-last (the model should be too)
-    amp_dtype: str = "float32"   # autocast dtype of the forward pass: float32 | bfloat16 | float16
+    amp_dtype: str = "float32"   # autocast dtype of the forward pass: float32 | bfloat16
     views: int = 0               # 0: a fresh random augmentation every epoch; K: the K fixed views of
                                  # data.fixed_views(N, K, seed), epoch e showing view e % K (cached teacher logits)
     lookahead: int = 0           # 0: off; K: every K steps the weights are pulled towards a slow copy of them, more so
                                  # as training ends (Lookahead as airbench uses it; see `Lookahead`)
+
+
+def recipe_from(cfg, lr, epochs, views=0):
+    """A script's TrainRecipe: its BATCH_SIZE, MOMENTUM, WEIGHT_DECAY, SEED, CHANNELS_LAST, AMP_DTYPE and
+    LOOKAHEAD constants, with the stage's own peak learning rate, epochs and fixed views."""
+    return TrainRecipe(lr=lr, epochs=epochs, batch_size=cfg["BATCH_SIZE"], momentum=cfg["MOMENTUM"],
+                       weight_decay=cfg["WEIGHT_DECAY"], seed=cfg["SEED"], channels_last=cfg["CHANNELS_LAST"],
+                       amp_dtype=cfg["AMP_DTYPE"], views=views, lookahead=cfg["LOOKAHEAD"])
+
+
+def placed_for_training(model, device, channels_last):
+    """`model` moved (in place, as Module.to does) to the training device and, with channels_last, memory format:
+    what a script does to the model it is about to train."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
 @dataclass
@@ -139,9 +154,15 @@ class Lookahead:
             fast.copy_(slow)
 
 
+BAR_EVERY = 20  # steps between progress-bar loss updates: each reads the loss from the device (a sync on a GPU)
+
+
 def train_one_epoch(model, objective, optimizer, scheduler, loader, total, desc, lookahead=None):
+    """One pass over `loader`; returns the mean training loss. The loss is summed where it is computed (float64,
+    the same sums as adding each step's value on the CPU) and read once at the end, and every BAR_EVERY steps
+    for the bar: a GPU is not made to wait for the host after every step."""
     model.train()
-    running, seen = 0.0, 0
+    running, seen = None, 0
     bar = tqdm(loader, total=total, desc=desc, unit="batch", leave=False, mininterval=1.0)
     for i, batch in enumerate(bar, 1):
         loss = objective(model, batch)
@@ -151,10 +172,12 @@ def train_one_epoch(model, objective, optimizer, scheduler, loader, total, desc,
         scheduler.step()
         if lookahead is not None:
             lookahead.after_step(epoch_end=i == total)
-        running += loss.item() * len(batch.y)
+        step_sum = loss.detach().double() * len(batch.y)
+        running = step_sum if running is None else running + step_sum
         seen += len(batch.y)
-        bar.set_postfix(loss=f"{running / seen:.3f}", refresh=False)
-    return running / max(seen, 1)
+        if i % BAR_EVERY == 0:
+            bar.set_postfix(loss=f"{running.item() / seen:.3f}", refresh=False)
+    return running.item() / seen if seen else 0.0
 
 
 def resume(model, optimizer, scheduler, stage, meta, epochs):
@@ -203,14 +226,16 @@ def fit(model, objective, recipe, train, val, stage):
     views = fixed_views(len(train[0]), recipe.views, recipe.seed) if recipe.views else None
     lookahead = (Lookahead(model, recipe.lookahead, progress.epoch * steps, recipe.epochs * steps)
                  if recipe.lookahead else None)
-    for epoch in range(progress.epoch, recipe.epochs):
+    first = progress.epoch
+    reset_peak_gpu_memory(stage.device)  # each stage's own peak
+    for epoch in range(first, recipe.epochs):
         t0 = time.time()
         gen = torch.Generator().manual_seed(recipe.seed * 1000 + epoch)
         view = None if views is None else (epoch % recipe.views, views[epoch % recipe.views])
         loader = batches(train[0], train[1], recipe.batch_size, stage.device, shuffle=True, train=True,
                          generator=gen, channels_last=recipe.channels_last, view=view)
         lr = scheduler.get_last_lr()[0]
-        with autocast(stage.device, recipe.amp_dtype):
+        with autocast(stage.device, recipe.amp_dtype), cudnn_autotune(stage.device):
             loss = train_one_epoch(model, objective, optimizer, scheduler, loader, steps,
                                    f"{stage.label} {epoch + 1}/{recipe.epochs}", lookahead)
         train_s = time.time() - t0
@@ -218,10 +243,17 @@ def fit(model, objective, recipe, train, val, stage):
         record = {"epoch": epoch + 1, "loss": loss, "val_accuracy": val_acc, "seconds": time.time() - t0}
         progress = Progress(epoch + 1, recipe.epochs, progress.history + [record])
         write_checkpoint(stage.path, meta, model, progress, optimizer, scheduler)
+        peak = peak_gpu_mib(stage.device)
         log_metrics(stage, {**record, "epochs": recipe.epochs, "lr": lr,
-                            "images_per_s": steps * recipe.batch_size / train_s})
+                            "images_per_s": steps * recipe.batch_size / train_s,
+                            **({"peak_gpu_mib": round(peak, 1)} if peak is not None else {})})
         print(f"{stage.label:<10} epoch {epoch + 1:>3}/{recipe.epochs}  loss {loss:.4f}  val_acc {val_acc:6.2f}%  "
-              f"{steps * recipe.batch_size / train_s:6.0f} img/s  {time.time() - t0:6.1f}s", flush=True)
+              f"{steps * recipe.batch_size / train_s:6.0f} img/s  {time.time() - t0:6.1f}s"
+              f"{'' if peak is None else f'  peak GPU memory {peak:.0f} MiB'}", flush=True)
+        left = recipe.epochs - epoch - 1
+        if epoch == first and left:  # the stage's time from this run's first epoch (the first pays for warm-up)
+            print(f"{stage.label}: about {left * (time.time() - t0) / 60:.1f} min more for the other {left} "
+                  f"epoch(s)", flush=True)
     if recipe.epochs == 0:  # nothing to train: the stage's checkpoint is the model as it came in
         progress = Progress(0, 0, [{"epoch": 0, "val_accuracy": model_accuracy(model, val, stage.device)}])
         write_checkpoint(stage.path, meta, model, progress)
