@@ -1,39 +1,90 @@
 #!/usr/bin/env bash
-# The GPU profile end to end on the full CIFAR-10 copy, sized for one short try on a borrowed GPU machine
-# (estimated 6-8 minutes on one H200; see README). It prints each stage's wall time, images per second and
-# accuracies, and checks the GPU targets (benchmark.py).
+# The GPU profile on a lent GPU machine, in stages that each fit one command (at most 10 minutes there):
 #
-# Such a machine receives the repository only, so the data travels as one archive in an ignored folder.
-# Make it once, from the repository root (about 19 MB):
+#     bash scripts/gpu_check.sh smoke   # all three scripts on CUDA with small constants (about 2 minutes):
+#                                       # device, versions, dtype, peak GPU memory and images/s of each stage
+#     bash scripts/gpu_check.sh full    # the GPU profile's default run (benchmark.py --PROFILE=gpu); run it
+#                                       # again after a time-out and it resumes from the last finished epoch
+#
+# Such a machine receives the repository only, so the data travels as one archive in an ignored folder. Make it
+# once, from the repository root (about 19 MB):
 #     mkdir -p gpu_data && tar -cJf gpu_data/cifar10.tar.xz -C ../shared/data cifar10
-# then run this script there with gpu_data carried along:  bash scripts/gpu_check.sh
+# It is unpacked with Python's tarfile (no xz program needed) into the work folder, once.
 #
 # Environment (all optional): GPU_CHECK_ARCHIVE (default gpu_data/cifar10.tar.xz, holding cifar10/ in
-# ImageFolder layout), GPU_CHECK_FLAGS (extra flags for benchmark.py, e.g. "--DEVICE=cpu --EPOCHS=1" to try the
-# path without a GPU, as the tests do), OUT (a folder that receives the logs and result files; default ./gpu_check).
+# ImageFolder layout); GPU_CHECK_WORK (default gpu_work/, ignored by git: the unpacked data and each stage's run
+# folder, kept between commands so that `full` resumes); GPU_CHECK_FLAGS (extra flags for benchmark.py, e.g.
+# "--DEVICE=cpu --EPOCHS=1" to try a stage without a GPU, as the tests do); OUT (default gpu_check/: each
+# stage's log and result files, copied there while it runs, so a killed command still leaves them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-archive=${GPU_CHECK_ARCHIVE:-gpu_data/cifar10.tar.xz}
-dest=${OUT:-gpu_check}
-work=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX")
-trap 'rm -rf "$work"' EXIT
-if [ ! -f "$archive" ]; then
-    echo "error: no data archive at $archive; make it with: mkdir -p gpu_data && tar -cJf gpu_data/cifar10.tar.xz -C ../shared/data cifar10" >&2
+stage=${1:-}
+if [ "$stage" != smoke ] && [ "$stage" != full ]; then
+    echo "usage: bash scripts/gpu_check.sh smoke|full" >&2
     exit 2
 fi
-mkdir -p "$dest"
+archive=${GPU_CHECK_ARCHIVE:-gpu_data/cifar10.tar.xz}
+work=${GPU_CHECK_WORK:-gpu_work}
+dest=${OUT:-gpu_check}/$stage
+runs=$work/$stage
+mkdir -p "$work" "$dest"
 start=$(date +%s)
-tar -xf "$archive" -C "$work"
-data=$(dirname "$(find "$work" -maxdepth 3 -type d -name train | head -n 1)")
-echo "gpu_check: data unpacked to $data in $(( $(date +%s) - start ))s"
-python3 -c 'import torch, onnxruntime; print("gpu_check: torch", torch.__version__, "onnxruntime", onnxruntime.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")'
-set +e
-# shellcheck disable=SC2086  # GPU_CHECK_FLAGS is a list of flags
-DATA_DIR="$data" PYTHONUNBUFFERED=1 python3 benchmark.py --PROFILE=gpu --OUT_DIR="$work/runs" ${GPU_CHECK_FLAGS:-} 2>&1 | tee "$dest/gpu_check.log"
-status=${PIPESTATUS[0]}
-set -e
-for f in benchmark.json results.md results.json training.png pareto.png search.json; do
-    if [ -f "$work/runs/$f" ]; then cp "$work/runs/$f" "$dest/"; fi
-done
-echo "gpu_check: exit status $status after $(( $(date +%s) - start ))s; files in $dest"
+
+if [ ! -f "$work/data/.unpacked" ]; then
+    if [ ! -f "$archive" ]; then
+        echo "error: no data archive at $archive; make it with: mkdir -p gpu_data && tar -cJf gpu_data/cifar10.tar.xz -C ../shared/data cifar10" >&2
+        exit 2
+    fi
+    rm -rf "$work/data"
+    python3 - "$archive" "$work/data" <<'PY'
+import sys, tarfile
+with tarfile.open(sys.argv[1]) as tar:  # any compression tarfile reads, .tar.xz included
+    tar.extractall(sys.argv[2], filter="data") if hasattr(tarfile, "data_filter") else tar.extractall(sys.argv[2])
+PY
+    touch "$work/data/.unpacked"
+fi
+data=$(dirname "$(find "$work/data" -maxdepth 3 -type d -name train | head -n 1)")
+echo "gpu_check $stage: data in $data ($(( $(date +%s) - start ))s)"
+python3 -c 'import torch, onnxruntime
+cuda = torch.cuda.is_available()
+print("gpu_check: torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version(),
+      "onnxruntime", onnxruntime.__version__, "device", torch.cuda.get_device_name(0) if cuda else "cpu",
+      "bf16", cuda and torch.cuda.is_bf16_supported())'
+
+case $stage in
+    # a few thousand images, two epochs a stage, one step of each walk
+    smoke) flags=(--PROFILE=gpu --REFERENCE_SECONDS=5 --TRAIN_SUBSET=4000 --EPOCHS=2 --KD_EPOCHS=2
+                  --STRUCT_STEPS=1 --STRUCT_EPOCHS=1 --AGP_STEPS=1 --AGP_EPOCHS=1 --FINAL_EPOCHS=1
+                  --SENS_IMAGES=500 --LATENCY_RUNS=20 --RUNS_B1=100 --RUNS_B64=5 --MAX_ACC_DROP=100)
+           rm -rf "$runs" ;;  # from scratch every time: it is short
+    full) flags=(--PROFILE=gpu --RESUME=true)
+          if [ -f "$runs/benchmark.json" ]; then
+              echo "gpu_check full: already finished in $runs (delete it to run again)"
+          fi ;;
+esac
+
+copy_results() {  # what the run has written so far, into $dest
+    for f in benchmark.json benchmark_progress.json results.md results.json search.json metrics.jsonl \
+             training.png pareto.png sensitivity.png sensitivity.md; do
+        if [ -f "$runs/$f" ]; then cp "$runs/$f" "$dest/"; fi
+    done
+}
+status=0
+if [ ! -f "$runs/benchmark.json" ]; then
+    # shellcheck disable=SC2086  # GPU_CHECK_FLAGS is a list of flags
+    DATA_DIR="$data" PYTHONUNBUFFERED=1 python3 benchmark.py "${flags[@]}" --OUT_DIR="$runs" ${GPU_CHECK_FLAGS:-} \
+        > >(tee -a "$dest/gpu_check.log") 2>&1 &
+    pid=$!
+    # a time-out's TERM stops the scripts too (benchmark.py's children), so a rerun does not meet them running
+    trap 'pkill -TERM -P "$pid" 2>/dev/null || true; kill -TERM "$pid" 2>/dev/null || true; copy_results; exit 143' TERM INT
+    seconds=0
+    while kill -0 "$pid" 2>/dev/null; do  # copied every 15 s: the files come back even if this command is killed
+        sleep 1
+        seconds=$((seconds + 1))
+        if [ $((seconds % 15)) -eq 0 ]; then copy_results; fi
+    done
+    wait "$pid" || status=$?
+fi
+copy_results
+echo "gpu_check $stage: exit status $status after $(( $(date +%s) - start ))s; files in $dest"
 exit "$status"
