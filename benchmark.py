@@ -29,10 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-import compress_model
-import evaluate_results
-import train_baseline
-from utils.config import UserError, parse_value, run_cli, script_constants
+from utils.config import UserError, file_constants, parse_value, run_cli
 from utils.files import atomic_write_text, write_json
 from utils.plots import read_metrics
 
@@ -44,8 +41,8 @@ STOP_AFTER = ""              # "" | train_baseline.py | compress_model.py: end t
 PUBLISH = ""                 # "" | a folder (e.g. docs): the finished run written up as its results.md, the run's
                              # small files copied into its results/; an OUT_DIR already finished is only published
 # -----------------------------------------------------------------------------------------------
-SCRIPTS = {"train_baseline.py": train_baseline, "compress_model.py": compress_model,
-           "evaluate_results.py": evaluate_results}
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPTS = ("train_baseline.py", "compress_model.py", "evaluate_results.py")  # run in this order
 @dataclass(frozen=True)
 class Target:
     """A promise the run's profile makes: its description, its test on (rows by stage, timing, the search's summary
@@ -97,7 +94,7 @@ def route_flags(argv):
         if name in own:
             own[name] = parse_value(name, value, own[name])
             continue
-        known = [script for script, module in SCRIPTS.items() if name in script_constants(vars(module))]
+        known = [script for script in SCRIPTS if name in file_constants(os.path.join(HERE, script))]
         if not known:
             raise UserError(f"unknown constant --{name}: no script has it")
         for script in known:
@@ -177,7 +174,7 @@ def run_scripts(out, routed, progress, stop_after):
             continue
         t0 = time.time()
         save_progress(out, {**progress, "running": script})
-        proc = subprocess.run([sys.executable, script, f"--OUT_DIR={out}"] + flags)
+        proc = subprocess.run([sys.executable, os.path.join(HERE, script), f"--OUT_DIR={out}"] + flags)
         if proc.returncode:
             raise UserError(f"{script} failed with exit status {proc.returncode}")
         progress["timing"][f"{script}_s"] = round(time.time() - t0, 1)
@@ -244,10 +241,9 @@ def report(out, argv, progress):
 
 def git_commit():
     """The checkout's commit, with "+changes" when tracked files differ from it; None outside a git checkout."""
-    here = os.path.dirname(os.path.abspath(__file__))
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
                                capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
         return None

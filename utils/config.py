@@ -25,17 +25,32 @@ def run_cli(main):
         sys.exit(2)
 
 
-def script_constants(namespace):
-    """A script's constants block: the UPPERCASE names (not starting with _) that the script's own top level
-    assigns a plain value (str, int, float, bool), in the order they are assigned. Names it imports are not
-    its constants, whatever their case. `namespace`: the script's globals()."""
-    with open(namespace["__file__"]) as f:
+def file_constants(path):
+    """A script's constants block, read from its source without running it: {name: value} of the UPPERCASE names
+    (not starting with _) that the script's own top level assigns a literal str, int, float or bool, in the
+    order they are assigned. Names it imports are not its constants, whatever their case."""
+    with open(path) as f:
         tree = ast.parse(f.read())
-    assigned = [target.id for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
-                for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
-                if isinstance(target, ast.Name)]
-    return {k: namespace[k] for k in dict.fromkeys(assigned)
-            if k.isupper() and not k.startswith("_") and isinstance(namespace.get(k), (str, int, float, bool))}
+    constants = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            name, value = node.targets[0].id, node.value
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
+            name, value = node.target.id, node.value
+        else:
+            continue
+        try:
+            value = ast.literal_eval(value)
+        except ValueError:
+            continue
+        if name.isupper() and not name.startswith("_") and isinstance(value, (str, int, float, bool)):
+            constants.setdefault(name, value)
+    return constants
+
+
+def script_constants(namespace):
+    """The constants block (file_constants) of the script whose globals() `namespace` is, with their values."""
+    return {k: namespace[k] for k in file_constants(namespace["__file__"])}
 
 
 def parse_value(name, text, default):
