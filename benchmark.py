@@ -43,6 +43,8 @@ PUBLISH = ""                 # "" | a folder (e.g. docs): the finished run writt
 # -----------------------------------------------------------------------------------------------
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPTS = ("train_baseline.py", "compress_model.py", "evaluate_results.py")  # run in this order
+
+
 @dataclass(frozen=True)
 class Target:
     """A promise the run's profile makes: its description, its test on (rows by stage, timing, the search's summary
@@ -85,6 +87,7 @@ def route_flags(argv):
     own = {"OUT_DIR": OUT_DIR, "REFERENCE_SECONDS": REFERENCE_SECONDS, "RESUME": RESUME, "STOP_AFTER": STOP_AFTER,
            "PUBLISH": PUBLISH}
     routed = {script: [] for script in SCRIPTS}
+    constants = {script: file_constants(os.path.join(HERE, script)) for script in SCRIPTS}
     args = list(argv)
     while args:
         arg = args.pop(0)
@@ -94,7 +97,7 @@ def route_flags(argv):
         if name in own:
             own[name] = parse_value(name, value, own[name])
             continue
-        known = [script for script in SCRIPTS if name in file_constants(os.path.join(HERE, script))]
+        known = [script for script in SCRIPTS if name in constants[script]]
         if not known:
             raise UserError(f"unknown constant --{name}: no script has it")
         for script in known:
@@ -180,7 +183,7 @@ def run_scripts(out, routed, progress, stop_after):
         progress["timing"][f"{script}_s"] = round(time.time() - t0, 1)
         save_progress(out, progress)
         print(f"benchmark: {script} took {progress['timing'][f'{script}_s']:.0f}s", flush=True)
-        if script == stop_after and script != list(SCRIPTS)[-1]:
+        if script == stop_after and script != SCRIPTS[-1]:
             print(f"benchmark: stopped after {script} (STOP_AFTER); go on with --RESUME=true", flush=True)
             return False
     return True
@@ -230,13 +233,17 @@ def report(out, argv, progress):
         print(f"  {stage:<12} test {row['accuracy']:.2f}%  {row['size_bytes'] / 2**20:8.3f} MiB  "
               f"b1 {row['latency_b1_ms']:.3f} ms  b64 {row['latency_b64_ms']:.2f} ms")
     for c in checks:
-        verdict = "not judged: a script was interrupted" if c["met"] is None else "met" if c["met"] else "MISSED"
-        print(f"  [{verdict}] {c['target']}")
+        print(f"  [{verdict(c)}] {c['target']}")
     write_json(os.path.join(out, "benchmark.json"),
         {"timing": timing, "interrupted": progress["interrupted"], "checks": checks, "profile": profile,
          "reference_workload": reference,
          "stage_speeds": speeds, "command": " ".join([sys.argv[0]] + argv), "commit": git_commit(),
          "DATA_DIR": os.environ.get("DATA_DIR", ""), "host": platform.node(), "results": results}, indent=2)
+
+
+def verdict(check):
+    """How a target came out: met, MISSED, or not judged (a time target of a run that was interrupted)."""
+    return "not judged: a script was interrupted" if check["met"] is None else "met" if check["met"] else "MISSED"
 
 
 def git_commit():
@@ -277,8 +284,6 @@ def results_page(bench, search, table):
     t, ref, machine = bench["timing"], bench["reference_workload"], bench["results"]["machine"]
     total = t["total_s"]
     share = lambda s: f"{t[s] / 60:.1f} min ({100 * t[s] / total:.0f}%)"
-    verdict = lambda c: "not judged (a script was interrupted)" if c["met"] is None else "met" if c["met"] else \
-        "**missed**"
     lines = ["# The latest benchmark run", "",
              "Written by `benchmark.py --PUBLISH=docs` from the run's own files; the files themselves are in "
              "`docs/results/`. Do not edit by hand: publish the next run instead.", "",
@@ -292,7 +297,8 @@ def results_page(bench, search, table):
              f"compress_model.py {share('compress_model.py_s')} (of which sensitivity analysis and search "
              f"{t['sensitivity_and_search_s'] / 60:.1f} min), evaluate_results.py {share('evaluate_results.py_s')}; "
              f"the scratch control {t['scratch_control_s'] / 60:.1f} min more, apart", "",
-             "## Targets", ""] + [f"- {verdict(c)}: {c['target']}" for c in bench["checks"]] + [
+             "## Targets", ""] + [f"- {'**missed**' if c['met'] is False else verdict(c)}: {c['target']}"
+                                for c in bench["checks"]] + [
              "", "## Test split", "", table, "",
              "## Training stages", "", "| stage | epochs | seconds | images/s | last val acc |",
              "|---|---:|---:|---:|---:|"]

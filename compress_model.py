@@ -218,7 +218,8 @@ def cached_teacher(teacher, train, cfg):
         print(f"teacher logits: {key['views']} fixed views of {len(train.x)} images in {time.time() - t0:.0f}s",
               flush=True)
         return {"logits": logits}
-    return cache_or_compute(os.path.join(cfg["OUT_DIR"], "teacher_logits.pt"), key, compute, "teacher logits")["logits"]
+    path = os.path.join(cfg["OUT_DIR"], "teacher_logits.pt")
+    return cache_or_compute(path, key, compute, "teacher logits")["logits"]
 
 
 def student_path(cfg, name):
