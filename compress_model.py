@@ -64,7 +64,7 @@ STUDENTS = "resnet20"        # comma-separated utils.models.ARCHS names or stem:
 KD_EPOCHS = 24               # distillation epochs of each student
 TEACHER_VIEWS = 6            # fixed augmentations of each training image the teacher's logits are computed on once
                              # and every training epoch reuses (0: run the teacher on every batch)
-TEACHER_FLIP = False         # the teacher's targets: the mean of its logits on each view and on its mirror image
+TEACHER_FLIP = True          # the teacher's targets: the mean of its logits on each view and on its mirror image
                              # (twice the teacher's passes)
 SCRATCH_CONTROL = True       # also train the picked student's architecture on the labels alone (same epochs and
                              # recipe, no teacher) as OUT_DIR/scratch.pth: what distillation bought; timed apart
