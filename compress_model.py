@@ -62,10 +62,10 @@ STUDENTS = "resnet20"        # comma-separated utils.models.ARCHS names or stem:
                              # distilled, the search picking one; resnet20: CIFAR ResNet-20 (16-32-64, 32x32 maps,
                              # 0.27 M parameters); resnet_s2_w32: the baseline's shape at half width (2.8 M, 16x16)
 KD_EPOCHS = 24               # distillation epochs of each student
-TEACHER_VIEWS = 6            # fixed augmentations of each training image the teacher's logits are computed on once
+TEACHER_VIEWS = 3            # fixed augmentations of each training image the teacher's logits are computed on once
                              # and every training epoch reuses (0: run the teacher on every batch)
 TEACHER_FLIP = True          # the teacher's targets: the mean of its logits on each view and on its mirror image
-                             # (twice the teacher's passes)
+                             # (twice the teacher's passes); each epoch then mirrors a fresh random half of its images
 SCRATCH_CONTROL = True       # also train the picked student's architecture on the labels alone (same epochs and
                              # recipe, no teacher) as OUT_DIR/scratch.pth: what distillation bought; timed apart
 KD_TEMPERATURE = 4.0         # T: softening of both models' logits
@@ -159,7 +159,8 @@ class Distiller:
     meta: dict
 
     def recipe(self, lr, epochs):
-        return recipe_from(self.cfg, lr, epochs, views=self.cfg["TEACHER_VIEWS"])
+        # flip-averaged targets are the same for a view and its mirror, so each epoch may mirror its own images
+        return recipe_from(self.cfg, lr, epochs, views=self.cfg["TEACHER_VIEWS"], mirror_views=self.cfg["TEACHER_FLIP"])
 
     def fit(self, stage, model, recipe, objective=None):
         """Train `model` (moved to the device and memory format of training) by `objective` (default: the KD

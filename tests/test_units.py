@@ -9,7 +9,7 @@ from utils.checkpoint import (Progress, clean_state_dict, load_checkpoint, load_
                               write_checkpoint)
 from utils.prune import magnitude_masks, make_pruning_permanent, prunable_layers, weight_sparsity
 from utils.config import UserError, parse_flags
-from utils.data import Split, batches, fixed_views
+from utils.data import Split, apply_augment, batches, fixed_views, remirrored
 from utils.measure import accuracy_interval, paired_drop_bound, paired_drop_interval
 from utils.models import ARCHS, ResNet, build_model, count_macs, parse_arch, whiten_stem
 from utils.search import SearchContext
@@ -232,6 +232,18 @@ def test_flipped_teacher_targets_are_the_mean_over_the_image_and_its_mirror():
     split = Split(tiny_data(8)[0], tiny_data(8)[1], ["a", "b", "c", "d"])
     assert not torch.allclose(teacher_logits(teacher, split, views, "cpu", flip=True),
                               teacher_logits(teacher, split, views, "cpu"), atol=1e-4)
+
+
+def test_a_remirrored_view_keeps_its_crops_and_the_flipped_targets():
+    # what lets a TEACHER_FLIP epoch mirror its own images: same crops, fresh flips, the same cached targets
+    teacher = tiny_model().eval()
+    x = tiny_data(64)[0].float() / 255
+    view = fixed_views(64, 1, seed=3)[0]
+    mirrored = remirrored(view, torch.Generator().manual_seed(7))
+    assert torch.equal(mirrored[:2], view[:2]) and not torch.equal(mirrored[2], view[2])
+    assert torch.equal(mirrored, remirrored(view, torch.Generator().manual_seed(7)))
+    assert torch.allclose(teacher_outputs(teacher, apply_augment(x, view), flip=True),
+                          teacher_outputs(teacher, apply_augment(x, mirrored), flip=True), atol=1e-5)
 
 
 def test_macs_are_counted_from_the_shapes():

@@ -222,6 +222,13 @@ def fixed_views(n, views, seed):
     return torch.stack([augment_params(n, generator) for _ in range(views)])
 
 
+def remirrored(params, generator):
+    """A copy of augmentation `params` (augment_params) with the same crops and fresh random flips."""
+    out = params.clone()
+    out[2] = (torch.rand(params.shape[1], generator=generator) < 0.5).long()
+    return out
+
+
 def _to(t, device):
     """`t` on `device`; asynchronous only towards a GPU (a copy to the CPU must be complete before it is read)."""
     return t.to(device, non_blocking=torch.device(device).type == "cuda")

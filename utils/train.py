@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from .checkpoint import Progress, check_same_model, load_checkpoint, load_clean_state_dict, write_checkpoint
 from .config import UserError
-from .data import batches, fixed_views, num_batches
+from .data import batches, fixed_views, num_batches, remirrored
 from .device import autocast, cudnn_autotune, peak_gpu_mib, reset_peak_gpu_memory
 from .measure import model_accuracy
 
@@ -32,16 +32,19 @@ class TrainRecipe:
     amp_dtype: str = "float32"   # autocast dtype of the forward pass: float32 | bfloat16
     views: int = 0               # 0: a fresh random augmentation every epoch; K: the K fixed views of
                                  # data.fixed_views(N, K, seed), epoch e showing view e % K (cached teacher logits)
+    mirror_views: bool = False   # with views: each epoch mirrors a fresh random half of the images instead of the view's
+                                 # own flips (for targets a mirror does not change: flip-averaged teacher logits)
     lookahead: int = 0           # 0: off; K: every K steps the weights are pulled towards a slow copy of them, more so
                                  # as training ends (Lookahead as airbench uses it; see `Lookahead`)
 
 
-def recipe_from(cfg, lr, epochs, views=0):
+def recipe_from(cfg, lr, epochs, views=0, mirror_views=False):
     """A script's TrainRecipe: its BATCH_SIZE, MOMENTUM, WEIGHT_DECAY, SEED, CHANNELS_LAST, AMP_DTYPE and
     LOOKAHEAD constants, with the stage's own peak learning rate, epochs and fixed views."""
     return TrainRecipe(lr=lr, epochs=epochs, batch_size=cfg["BATCH_SIZE"], momentum=cfg["MOMENTUM"],
                        weight_decay=cfg["WEIGHT_DECAY"], seed=cfg["SEED"], channels_last=cfg["CHANNELS_LAST"],
-                       amp_dtype=cfg["AMP_DTYPE"], views=views, lookahead=cfg["LOOKAHEAD"])
+                       amp_dtype=cfg["AMP_DTYPE"], views=views, mirror_views=mirror_views,
+                       lookahead=cfg["LOOKAHEAD"])
 
 
 def placed_for_training(model, device, channels_last):
@@ -216,8 +219,9 @@ def fit(model, objective, recipe, train, val, stage):
     steps = num_batches(len(train[0]), recipe.batch_size, train=True)
     optimizer, scheduler = sgd_one_cycle(model, recipe, steps)
     key = dataclasses.asdict(recipe)
-    if not recipe.lookahead:  # left out when off, so that checkpoints made before the option still resume
-        del key["lookahead"]
+    for option in ("lookahead", "mirror_views"):  # left out when off, so that checkpoints made before it still resume
+        if not key[option]:
+            del key[option]
     meta = {**stage.meta, "stage": stage.kind, "label": stage.label, "model": model.spec,
             "resume_key": {**key, **stage.made_from}}
     progress = resume(model, optimizer, scheduler, stage, meta, recipe.epochs)
@@ -232,6 +236,8 @@ def fit(model, objective, recipe, train, val, stage):
         t0 = time.time()
         gen = torch.Generator().manual_seed(recipe.seed * 1000 + epoch)
         view = None if views is None else (epoch % recipe.views, views[epoch % recipe.views])
+        if view is not None and recipe.mirror_views:
+            view = (view[0], remirrored(view[1], gen))
         loader = batches(train[0], train[1], recipe.batch_size, stage.device, shuffle=True, train=True,
                          generator=gen, channels_last=recipe.channels_last, view=view)
         lr = scheduler.get_last_lr()[0]
