@@ -306,12 +306,14 @@ def results_page(bench, search, table):
               for name, s in bench["stage_speeds"].items()]
     lines += ["", f"## Every candidate of the search (validation, {search['objective']} objective, "
                   f"MAX_ACC_DROP={search['max_acc_drop']})", "",
-              "| candidate | float val | INT8 val | drop bound | within | MiB | M MACs | b1 ms | b64 ms |",
-              "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
+              "| candidate | stage widths | float val | INT8 val | drop bound | within | MiB | M MACs | b1 ms "
+              "| b64 ms |",
+              "|---|---|---:|---:|---:|---|---:|---:|---:|---:|"]
     for c in search["candidates"] + ([search["scratch"]] if search.get("scratch") else []):
         name = c["name"] + (" (chosen)" if c["name"] == search["chosen"] else
                             " (control, not a candidate)" if c.get("kind") == "control" else "")
-        lines.append(f"| {name} | {c['float_val_acc']:.2f}% | {c['val_acc']:.2f}% | {c['drop_bound']:.2f} | "
+        widths = "-".join(str(w) for w in c["widths"]) if c.get("widths") else "-"  # runs before stream pruning: -
+        lines.append(f"| {name} | {widths} | {c['float_val_acc']:.2f}% | {c['val_acc']:.2f}% | {c['drop_bound']:.2f} | "
                      f"{'yes' if c['within_budget'] else 'no'} | {c['bytes'] / 2**20:.3f} | {c['macs'] / 1e6:.1f} | "
                      f"{c['b1_ms']:.3f} | {c['b64_ms']:.2f} |")
     return "\n".join(lines) + "\n"

@@ -41,6 +41,7 @@ from utils.files import ArtifactSet, atomic_write_text, cache_or_compute, file_d
 from utils.measure import Timing, eager_latency, model_accuracy, model_correct, percent
 from utils.models import ResNet, arch_slug, parse_arch
 from utils.plots import plot_sensitivity
+from utils.prune import group_widths
 from utils.quantize import Quantization, dynamic_quant, export_onnx, onnx_param_counts, save_onnx_metadata
 from utils.search import OBJECTIVES, Search, SearchContext, SearchPlan, pick_student, reference_point, run_search
 from utils.sensitivity import Sensitivity, sensitivity_analysis, sensitivity_table
@@ -77,10 +78,11 @@ MOMENTUM = 0.9               # SGD Nesterov momentum
 WEIGHT_DECAY = 5e-4          # L2 penalty
 LOOKAHEAD = 0                # 0: off; K: Lookahead every K steps in distillation and fine-tuning (utils.train)
 SENS_IMAGES = 1000           # validation images of the sensitivity analysis (the search judges on all of them)
-STRUCT_MAX = 0.6             # largest fraction of the blocks' inner weights structured pruning removes, 0 to <1
+STRUCT_MAX = 0.6             # largest structured pruning level, 0 to <1: the fraction of channels removed (residual
+                             # streams and blocks' insides), averaged over the groups weighted by their weights
 STRUCT_STEPS = 3             # structured candidates, evenly spaced up to STRUCT_MAX, each pruned from the last
 STRUCT_EPOCHS = 2            # fine-tuning epochs after each structured step
-CHANNEL_MULTIPLE = 16        # inner widths are rounded to a multiple of this: INT8 kernels run slowly on odd widths
+CHANNEL_MULTIPLE = 16        # channel counts are rounded to a multiple of this: INT8 kernels run slowly on odd widths
 SPARSITY = 0.85              # unstructured sparsity of conv+linear weights at the last AGP step, 0 to <1
 AGP_STEPS = 4                # AGP steps (cubic schedule) to SPARSITY, each a candidate (skipped for OBJECTIVE=latency)
 AGP_EPOCHS = 1               # fine-tuning epochs after each AGP step
@@ -281,7 +283,7 @@ def sensitivities(student, val, quant, cfg):
     made from the same student and images; also written as sensitivity.md and .png."""
     out = cfg["OUT_DIR"]
     key = {"student": weights_fingerprint(clean_state_dict(student)), "SENS_IMAGES": cfg["SENS_IMAGES"],
-           "CALIB_IMAGES": cfg["CALIB_IMAGES"]}
+           "CALIB_IMAGES": cfg["CALIB_IMAGES"], "groups": list(group_widths(student))}
 
     def compute():
         t0 = time.time()

@@ -9,7 +9,9 @@
 # Such a machine receives the repository only, so the data travels as one archive in an ignored folder. Make it
 # once, from the repository root (about 19 MB):
 #     mkdir -p gpu_data && tar -cJf gpu_data/cifar10.tar.xz -C ../shared/data cifar10
-# It is unpacked with Python's tarfile (no xz program needed) into the work folder, once.
+# It is unpacked with Python's tarfile (no xz program needed) into the work folder, once. Torch-Pruning travels
+# the same way when the machine lacks it (it cannot reach a package index); make its wheel once:
+#     pip download torch-pruning==1.6.1 --no-deps -d gpu_data/wheels
 #
 # Environment (all optional): GPU_CHECK_ARCHIVE (default gpu_data/cifar10.tar.xz, holding cifar10/ in
 # ImageFolder layout); GPU_CHECK_WORK (default gpu_work/, ignored by git: the unpacked data and each stage's run
@@ -45,11 +47,16 @@ PY
 fi
 data=$(dirname "$(find "$work/data" -maxdepth 3 -type d -name train | head -n 1)")
 echo "gpu_check $stage: data in $data ($(( $(date +%s) - start ))s)"
-python3 -c 'import torch, onnxruntime
+if ! python3 -c 'import torch_pruning' 2>/dev/null; then
+    python3 -m pip install --quiet --no-index --no-deps --find-links gpu_data/wheels torch-pruning || {
+        echo "error: torch_pruning is not installed and gpu_data/wheels has no wheel of it; make it with: pip download torch-pruning==1.6.1 --no-deps -d gpu_data/wheels" >&2
+        exit 2; }
+fi
+python3 -c 'import importlib.metadata, torch, onnxruntime
 cuda = torch.cuda.is_available()
 print("gpu_check: torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version(),
-      "onnxruntime", onnxruntime.__version__, "device", torch.cuda.get_device_name(0) if cuda else "cpu",
-      "bf16", cuda and torch.cuda.is_bf16_supported())'
+      "onnxruntime", onnxruntime.__version__, "torch-pruning", importlib.metadata.version("torch-pruning"),
+      "device", torch.cuda.get_device_name(0) if cuda else "cpu", "bf16", cuda and torch.cuda.is_bf16_supported())'
 
 case $stage in
     # a few thousand images, two epochs a stage, one step of each walk

@@ -21,7 +21,7 @@ SHORT = ["--EPOCHS=1", "--KD_EPOCHS=1", "--AGP_STEPS=1", "--FINAL_EPOCHS=0", "--
          "--TRAIN_SUBSET=4000", "--ARCH=resnet18_s2"]
 TINY = ["--DEVICE=cpu", "--REFERENCE_SECONDS=0.5"] + TRAIN_FLAGS[:-1] + COMPRESS_FLAGS[:-1] + EVAL_FLAGS + SHORT
 # search.json entries that do not depend on timing or on the run's folder
-SEARCH_KEYS = ("name", "mids", "float_val_acc", "val_acc", "drop_bound", "bytes", "onnx_bytes", "sparsity",
+SEARCH_KEYS = ("name", "widths", "mids", "float_val_acc", "val_acc", "drop_bound", "bytes", "onnx_bytes", "sparsity",
                "float_layers", "macs")
 
 

@@ -4,14 +4,16 @@ import os
 from types import SimpleNamespace
 
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
 from conftest import tiny_data, tiny_model
 from utils.checkpoint import Progress, load_checkpoint, load_model, write_checkpoint
 from utils.quantize import Quantization, export_onnx, quantize_int8
-from utils.prune import (agp_schedule, allocate, blocks, magnitude_masks, make_pruning_permanent, prunable_layers,
-                         ratio_at, structured_prune, weight_sparsity)
+from utils.models import ARCHS, STEMS, ResNet, count_macs
+from utils.prune import (agp_schedule, allocate, blocks, channel_groups, group_widths, magnitude_masks,
+                         make_pruning_permanent, prunable_layers, ratio_at, structured_prune, weight_sparsity)
 from utils import search
 from utils.search import Candidate, SearchContext, choose, quantize_within_budget, score
 from utils.sparse import load_sparse_onnx, save_sparse_onnx
@@ -27,13 +29,37 @@ def test_structured_pruning_shrinks_layers_and_the_checkpoint_rebuilds_the_new_s
     assert sum(p.numel() for p in pruned.parameters()) < 0.5 * sum(p.numel() for p in model.parameters())
     x = torch.rand(4, 3, 32, 32)
     assert pruned(x).shape == (4, 4)
-    # keeping every channel changes nothing: the residual connections stay consistent
-    whole = structured_prune(model, {name: b.conv1.out_channels for name, b in blocks(model).items()}).eval()
-    assert torch.allclose(whole(x), model(x))
     path = str(tmp_path / "pruned.pth")
     write_checkpoint(path, {"stage": "pruned", "model": pruned.spec}, pruned, Progress(1, 1))
     loaded = load_model(load_checkpoint(path, "pruned"), path)
     assert torch.equal(loaded(x), pruned(x))
+
+
+def test_keeping_every_channel_of_every_group_changes_nothing():
+    model = tiny_model().eval()
+    whole = structured_prune(model, group_widths(model)).eval()
+    x = torch.rand(4, 3, 32, 32)
+    assert whole.spec == model.spec and torch.allclose(whole(x), model(x), atol=1e-6)
+
+
+def test_the_groups_are_every_stream_and_every_blocks_inside():
+    groups = channel_groups(ResNet(**ARCHS["resnet20"]))
+    assert list(groups)[:3] == ["layer1", "layer2", "layer3"] and len(groups) == 3 + 9
+    model = ResNet(**ARCHS["resnet20"])
+    assert channel_groups(model)["layer1"] is model.conv1  # no shortcut conv in stage 1: the stem starts the stream
+    assert channel_groups(model)["layer2"] is model.layer2[0].downsample[0]
+
+
+@pytest.mark.parametrize("stem", STEMS)
+def test_pruning_the_residual_streams_keeps_every_shortcut_consistent(stem):
+    torch.manual_seed(0)
+    model = ResNet(stem=stem, widths=(8, 16, 32), blocks=(2, 1, 1), num_classes=4).eval()
+    pruned = structured_prune(model, {"layer1": 4, "layer2": 8, "layer3": 16})
+    kw = pruned.spec["kwargs"]
+    assert kw["widths"] == [4, 8, 16] and kw["mids"] == [8, 8, 16, 32]
+    assert pruned.conv1.out_channels == 4 and pruned.fc.in_features == 16
+    assert pruned(torch.rand(2, 3, 32, 32)).shape == (2, 4)
+    assert count_macs(pruned) < 0.6 * count_macs(model)
 
 
 def test_structured_pruning_keeps_the_most_important_channels():
@@ -46,6 +72,40 @@ def test_structured_pruning_keeps_the_most_important_channels():
     kept = blocks(pruned)["layer2.1"].conv1.weight
     assert torch.equal(kept[0], block.conv1.weight[3]) or torch.equal(kept[1], block.conv1.weight[3])
     assert all(kept[i].abs().sum() > 0 for i in range(2))
+
+
+def test_stream_pruning_drops_the_channel_that_carries_nothing():
+    model = tiny_model().eval()
+    with torch.no_grad():  # stream channel 2 of stage 3 zeroed in every layer that writes or reads it
+        for layer in (model.layer3[0].downsample[0], model.layer3[0].conv2, model.layer3[1].conv2):
+            layer.weight[2] = 0
+        for norm in (model.layer3[0].downsample[1], model.layer3[0].bn2, model.layer3[1].bn2):
+            norm.weight[2] = 0
+            norm.bias[2] = 0
+        model.layer3[1].conv1.weight[:, 2] = 0
+        model.layer4[0].conv1.weight[:, 2] = 0
+        model.layer4[0].downsample[0].weight[:, 2] = 0
+    x = torch.rand(4, 3, 32, 32)
+    pruned = structured_prune(model, {"layer3": 31})
+    assert pruned.spec["kwargs"]["widths"] == [8, 16, 31, 64]
+    assert torch.allclose(pruned(x), model(x), atol=1e-5)  # what was removed carried nothing
+
+
+def test_a_stream_pruned_model_rebuilds_exports_quantizes_and_round_trips(tmp_path):
+    model = tiny_model().eval()
+    pruned = structured_prune(model, {"layer1": 4, "layer3": 16, "layer4": 32, "layer2.0": 8})
+    path = str(tmp_path / "pruned.pth")
+    write_checkpoint(path, {"stage": "pruned", "model": pruned.spec}, pruned, Progress(1, 1))
+    loaded = load_model(load_checkpoint(path, "pruned"), path)  # torch.load with weights_only=True
+    x = torch.rand(4, 3, 32, 32)
+    assert loaded.spec == pruned.spec and torch.equal(loaded(x), pruned(x))
+    float_onnx = export_onnx(loaded, str(tmp_path / "f.onnx"))
+    int8 = quantize_int8(float_onnx, str(tmp_path / "q.onnx"), Quantization(tiny_data(32)[0].float() / 255))
+    save_sparse_onnx(int8, str(tmp_path / "q.sparse"))
+    assert load_sparse_onnx(str(tmp_path / "q.sparse")).SerializeToString() == onnx.load(int8).SerializeToString()
+    session = ort.InferenceSession(int8, providers=["CPUExecutionProvider"])
+    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert out.shape == (4, 4) and (out.argmax(1) == pruned(x).argmax(1).numpy()).mean() >= 0.5
 
 
 def quantized_tiny(tmp_path, sparsity):

@@ -64,7 +64,7 @@ def test_accuracy_latency_copies_and_counts_leave_the_model_as_it_was():
     cpu_copy(model)
     count_params(model)
     dynamic_quant_model(model)
-    structured_prune(model, {"layer1.0": 4})
+    structured_prune(model, {"layer1": 4, "layer1.0": 4})
     assert_unchanged(model, before)
     assert torch.get_num_threads() == 2, "the latency helper must restore the thread count"
 

@@ -322,7 +322,7 @@ def test_the_same_seeds_give_the_same_search_in_a_second_run(pipeline, imagefold
     code, _, err = cli(compress_model.main, [f"--DATA_DIR={imagefolder}", f"--OUT_DIR={out}"] + COMPRESS_FLAGS,
                        capsys, monkeypatch)
     assert code == 0, err
-    keys = ("name", "mids", "float_val_acc", "val_acc", "drop_bound", "bytes", "onnx_bytes", "sparsity",
+    keys = ("name", "widths", "mids", "float_val_acc", "val_acc", "drop_bound", "bytes", "onnx_bytes", "sparsity",
             "float_layers")
     first, second = (json.load(open(os.path.join(d, "search.json"))) for d in (pipeline, out))
     assert [[c[k] for k in keys] for c in first["candidates"]] == [[c[k] for k in keys] for c in second["candidates"]]

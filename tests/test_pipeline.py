@@ -3,6 +3,7 @@ import json
 import os
 
 import onnx
+from onnx import numpy_helper
 import pytest
 import torch
 
@@ -126,7 +127,9 @@ def test_the_sensitivity_analysis_covers_the_picked_students_layers(pipeline):
     for name in ("sensitivity.png", "sensitivity.md", "pareto.png"):
         assert os.path.getsize(os.path.join(pipeline, name)) > 1000
     sens = json.load(open(os.path.join(pipeline, "sensitivity.json")))
-    assert set(sens["int8"]) == set(sens["unstructured"]) and len(sens["structured"]) == 8  # the picked one's blocks
+    assert set(sens["int8"]) == set(sens["unstructured"])
+    # the picked student's channel groups: its 4 residual streams and the insides of its 8 blocks
+    assert len(sens["structured"]) == 4 + 8 and {"layer1", "layer4", "layer4.1"} <= set(sens["structured"])
 
 
 def rows_by_stage(pipeline):
@@ -138,9 +141,11 @@ def test_dynamic_quantization_leaves_convolutions_float(pipeline):
     assert rows["dynamic_quant"]["size_bytes"] > 0.9 * rows["pruned"]["size_bytes"]
 
 
-def test_int8_is_under_0_4_of_the_float_checkpoint(pipeline):
-    rows = rows_by_stage(pipeline)
-    assert rows["int8"]["size_bytes"] < 0.4 * rows["pruned"]["size_bytes"]  # fp16 would be about 0.5
+def test_int8_stores_the_weights_in_about_a_byte_each(pipeline):
+    # the weights' own bytes (the file also holds the graph, whose size depends on the checkout's path)
+    graph = onnx.load(os.path.join(pipeline, "int8.onnx")).graph
+    stored = sum(numpy_helper.to_array(t).nbytes for t in graph.initializer)
+    assert stored < 0.35 * 4 * rows_by_stage(pipeline)["pruned"]["params"]  # float16 would be 0.5
 
 
 def test_int8_sparse_is_smaller_than_int8_and_as_accurate(pipeline):

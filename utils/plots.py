@@ -21,13 +21,16 @@ def save_figure(fig, path):
 
 
 def plot_sensitivity(sens, path):
-    """Three panels: structured curves per block, unstructured curves per layer, INT8 drop per layer."""
+    """Three panels: structured curves per channel group (residual streams dashed), unstructured curves per layer,
+    INT8 drop per layer."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(18, 5))
-    for ax, kind, xlabel in ((axes[0], "structured", "fraction of the block's inner channels removed"),
+    for ax, kind, xlabel in ((axes[0], "structured", "fraction of the group's channels removed"),
                              (axes[1], "unstructured", "fraction of the layer's weights zeroed")):
         for name, curve in sens[kind].items():
-            ax.plot([0] + [f for f, _ in curve], [0] + [d for _, d in curve], marker=".", label=name)
+            stream = kind == "structured" and "." not in name  # "layer2": a stage's residual stream
+            ax.plot([0] + [f for f, _ in curve], [0] + [d for _, d in curve], marker=".",
+                    linestyle="--" if stream else "-", label=f"{name} (stream)" if stream else name)
         ax.set(xlabel=xlabel, ylabel="validation accuracy drop (points)", title=f"{kind} pruning, one at a time")
         ax.legend(fontsize=6, ncol=2)
     names = list(sens["int8"])

@@ -1,19 +1,25 @@
-"""Pruning, structured and unstructured, with per-layer ratios chosen from a sensitivity analysis.
+"""Pruning, structured and unstructured, with per-group and per-layer ratios chosen from a sensitivity analysis.
 
-Structured: whole inner channels of a residual block (conv1's filters, bn1, conv2's input channels) are
-removed, so the layers become physically smaller; the residual stream keeps its width, so every shortcut
-stays consistent without a dependency graph. The new inner widths go into the model's spec (`mids`), which
-is what a checkpoint rebuilds from.
+Structured: whole channels are removed through Torch-Pruning's dependency graph (DepGraph, Fang et al., CVPR
+2023), which finds the layers whose channels are coupled and removes them together. A ResNet has two kinds of
+coupled groups, each named here by where it lives:
+  "layer2.1": a block's inner channels (its conv1's filters, bn1, its conv2's inputs);
+  "layer2":   a stage's residual stream (the stem or the stage's shortcut conv, every block's conv2 output and
+              bn2, the shortcut additions, and the inputs of the next stage or of the classifier).
+The layers become physically smaller. The new widths go into the model's spec (stage `widths`, inner `mids`),
+which is what a checkpoint rebuilds from: a pruned model is returned rebuilt from its spec, so it is the class
+that loads it, not a modified copy.
 Unstructured: per-layer magnitude masks (torch.nn.utils.prune), raised step by step on the cubic schedule of
 Zhu & Gupta (AGP), with fine-tuning in between by the caller.
 """
 import copy
 
 import torch
+import torch_pruning as tp
 from torch import nn
 from torch.nn.utils import prune
 
-from .models import Block, model_spec
+from .models import Block, build_model, model_spec
 
 
 def prunable_layers(model):
@@ -27,45 +33,73 @@ def prunable_weights(model):
 
 
 def blocks(model):
-    """{block name: Block} in order: the units of structured pruning."""
+    """{block name: Block} in order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, Block)}
 
 
-def channel_importance(block):
-    """Score of each inner channel: the size of the path through it, |conv1 filter| x |BN scale| x |conv2 column|."""
-    with torch.no_grad():
-        w1 = block.conv1.weight.flatten(1).norm(dim=1)
-        scale = (block.bn1.weight / (block.bn1.running_var + block.bn1.eps).sqrt()).abs()
-        w2 = block.conv2.weight.transpose(0, 1).flatten(1).norm(dim=1)
-        return w1 * scale * w2
+def channel_groups(model):
+    """{group name: the conv whose output channels are the group's}: every stage's residual stream ("layer1"; its
+    root is the stage's shortcut conv, or the stem when the stage has none), then every block's inner channels
+    ("layer1.0"; root conv1). The classifier's outputs are never a group."""
+    groups, root = {}, model.conv1
+    for stage in model.stages:
+        first = getattr(model, stage)[0]
+        root = first.downsample[0] if first.downsample is not None else root
+        groups[stage] = root
+    return {**groups, **{name: b.conv1 for name, b in blocks(model).items()}}
 
 
-def shrink_block(block, keep):
-    """Keep only the inner channels `keep` (sorted indices) of a Block, in place."""
-    keep = torch.as_tensor(sorted(keep), dtype=torch.long)
-    conv1, bn1, conv2 = block.conv1, block.bn1, block.conv2
-    block.conv1 = nn.Conv2d(conv1.in_channels, len(keep), 3, conv1.stride, 1, bias=False)
-    block.bn1 = nn.BatchNorm2d(len(keep), eps=bn1.eps, momentum=bn1.momentum)
-    block.conv2 = nn.Conv2d(len(keep), conv2.out_channels, 3, 1, 1, bias=False)
-    with torch.no_grad():
-        block.conv1.weight.copy_(conv1.weight[keep])
-        for name in ("weight", "bias", "running_mean", "running_var"):
-            getattr(block.bn1, name).copy_(getattr(bn1, name)[keep])
-        block.bn1.num_batches_tracked.copy_(bn1.num_batches_tracked)
-        block.conv2.weight.copy_(conv2.weight[:, keep])
+def dependency_graph(model):
+    """Torch-Pruning's dependency graph of `model` (traced on one 32x32 image)."""
+    with torch.enable_grad():
+        return tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(1, 3, 32, 32), verbose=False)
+
+
+def group_of(graph, conv, idxs=None):
+    """The coupled group of `conv`'s output channels `idxs` (default: all of them)."""
+    return graph.get_pruning_group(conv, tp.prune_conv_out_channels, list(range(conv.out_channels)) if idxs is None
+                                   else idxs)
+
+
+def group_sizes(model):
+    """{group name: weights of the convs and the classifier its channels run through}: what a channel of the
+    group costs, for spreading a pruning level over the groups."""
+    graph = dependency_graph(copy.deepcopy(model).cpu())
+    sizes = {}
+    for name, conv in channel_groups(graph.model).items():
+        layers = {id(dep.target.module): dep.target.module for dep, _ in group_of(graph, conv)
+                  if isinstance(dep.target.module, (nn.Conv2d, nn.Linear))}
+        sizes[name] = sum(m.weight.numel() for m in layers.values())
+    return sizes
+
+
+def group_widths(model):
+    """{group name: channels}."""
+    return {name: conv.out_channels for name, conv in channel_groups(model).items()}
 
 
 def structured_prune(model, keep_counts):
-    """A copy of `model` where block b keeps its keep_counts[b] most important inner channels (at least 1)."""
-    model = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format)
-    for name, block in blocks(model).items():
-        n = max(1, min(int(keep_counts.get(name, block.conv1.out_channels)), block.conv1.out_channels))
-        if n < block.conv1.out_channels:
-            shrink_block(block, channel_importance(block).topk(n).indices.tolist())
-    kw = model.spec["kwargs"]
-    model.spec = model_spec(kw["stem"], kw["widths"], kw["num_classes"], kw["blocks"],
-                            [b.conv1.out_channels for b in blocks(model).values()])
-    return model
+    """A copy of `model` (rebuilt from its spec, on the CPU, eval mode) where each group named in keep_counts keeps
+    its keep_counts[name] most important channels (at least 1), by Torch-Pruning's group L2 magnitude (each
+    channel's weights over every layer of its group). Masks of unstructured pruning are folded into the copy's
+    weights (its zeros stay). `model` is not changed."""
+    pruned = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format).eval()
+    make_pruning_permanent(pruned)
+    graph = dependency_graph(pruned)
+    importance = tp.importance.GroupMagnitudeImportance(p=2)
+    roots = channel_groups(pruned)
+    for name, count in keep_counts.items():
+        conv = roots[name]
+        n = max(1, min(int(count), conv.out_channels))
+        if n < conv.out_channels:
+            order = torch.sort(importance(group_of(graph, conv)), descending=True, stable=True).indices
+            group_of(graph, conv, sorted(order[n:].tolist())).prune()
+    kw = pruned.spec["kwargs"]
+    spec = model_spec(kw["stem"], [roots[stage].out_channels for stage in pruned.stages], kw["num_classes"],
+                      kw["blocks"], [b.conv1.out_channels for b in blocks(pruned).values()])
+    rebuilt = build_model(spec).eval()
+    rebuilt.load_state_dict(pruned.state_dict())
+    return rebuilt
 
 
 def magnitude_masks(model, ratios):

@@ -27,8 +27,8 @@ from .checkpoint import clean_state_dict, count_params, cpu_copy, weights_finger
 from .data import Split
 from .measure import Timing, model_accuracy, ort_correct, ort_latency, paired_drop_bound, percent
 from .models import arch_slug, count_macs
-from .prune import agp_schedule, allocate, blocks, magnitude_masks, prunable_layers, structured_prune, \
-    weight_sparsity, zero_fractions
+from .prune import agp_schedule, allocate, group_sizes, group_widths, magnitude_masks, prunable_layers, \
+    structured_prune, weight_sparsity, zero_fractions
 from .quantize import Quantization, export_onnx, quantize_int8
 from .sparse import save_sparse_onnx
 
@@ -39,10 +39,10 @@ OBJECTIVES = ("size", "latency", "balanced")
 class SearchPlan:
     """What the search tries (compress_model.py's constants of the same names, lower-cased)."""
     objective: str          # size | latency | balanced: what is minimised within the budget
-    struct_max: float       # largest fraction of the blocks' inner weights structured pruning removes
+    struct_max: float       # largest structured pruning level (structured_counts)
     struct_steps: int       # structured candidates, evenly spaced up to struct_max
     struct_epochs: int      # fine-tuning epochs after each structured step
-    channel_multiple: int   # inner widths rounded to a multiple of this
+    channel_multiple: int   # channel counts rounded to a multiple of this
     sparsity: float         # unstructured sparsity at the last AGP step
     agp_steps: int          # AGP steps on the cubic schedule (none for objective latency)
     agp_epochs: int         # fine-tuning epochs after each AGP step
@@ -216,7 +216,8 @@ class Search:
         final = cpu_copy(model)
         entry = measure_candidate(name, final, self.ctx, int8_drops, self.plan.max_float_layers,
                                   params=count_params(final)[0], macs=count_macs(final),
-                                  sparsity=weight_sparsity(final), mids=final.spec["kwargs"].get("mids"), **info)
+                                  sparsity=weight_sparsity(final), widths=final.spec["kwargs"]["widths"],
+                                  mids=final.spec["kwargs"].get("mids"), **info)
         return Candidate(entry, final, int8_drops)
 
     def add(self, name, model, int8_drops=None, **info):
@@ -232,15 +233,13 @@ class Search:
 
 
 def structured_counts(student, curves, level, multiple):
-    """Inner widths per block when the `level` fraction of all inner weights goes, spread by sensitivity,
-    rounded to a multiple of `multiple` (never below it, never above the block's width)."""
-    sizes = {name: b.conv1.weight.numel() + b.conv2.weight.numel() for name, b in blocks(student).items()}
-    ratios = allocate(curves, sizes, level)
-    counts = {}
-    for name, b in blocks(student).items():
-        width = b.conv1.out_channels
-        counts[name] = min(width, max(multiple, multiple * round(width * (1 - ratios[name]) / multiple)))
-    return counts
+    """Channels per coupled group (utils.prune.channel_groups: residual streams and blocks' inner channels) at
+    pruning level `level`: the fraction of channels removed, averaged over the groups weighted by the weights each
+    runs through, spread by sensitivity (utils.prune.allocate), rounded to a multiple of `multiple` (never below
+    it, never above the group's width)."""
+    ratios = allocate(curves, group_sizes(student), level)
+    return {name: min(width, max(multiple, multiple * round(width * (1 - ratios[name]) / multiple)))
+            for name, width in group_widths(student).items()}
 
 
 @dataclass(frozen=True)
@@ -267,14 +266,14 @@ def walk(search, start, steps):
 
 
 def structured_steps(plan, start, curves):
-    """Inner channels of the blocks removed at evenly spaced levels up to struct_max, the widths of each level
-    spread over the blocks by their sensitivity to it (from the start's widths)."""
+    """Channels of the residual streams and the blocks' insides removed at evenly spaced levels up to struct_max,
+    each level's channels spread over the groups by their sensitivity (from the start's widths)."""
     steps = []
     for k in range(1, plan.struct_steps + 1):
         level = plan.struct_max * k / plan.struct_steps
         counts = structured_counts(start.model, curves, level, plan.channel_multiple)
         steps.append(PruneStep(f"struct{k}", lambda model, counts=counts: (structured_prune(model, counts),
-                                                                             {"mids": counts}),
+                                                                           {"channels": counts}),
                                plan.struct_epochs, {"kind": "structured", "level": level}))
     return steps
 

@@ -1,5 +1,5 @@
 """Per-layer sensitivity of validation accuracy to structured pruning, unstructured pruning and INT8
-quantization: one layer (or block) changed at a time, the rest left as it is, no fine-tuning. The curves
+quantization: one layer (or coupled channel group) changed at a time, the rest left as it is, no fine-tuning. The curves
 pick the per-layer ratios of the search (utils.prune.allocate) and the layers the INT8 fallback keeps in
 float. Saved as sensitivity.json, a Markdown table and a PNG plot (utils.plots)."""
 import copy
@@ -9,12 +9,12 @@ from typing import NamedTuple
 from .checkpoint import cpu_copy
 from .files import scratch_path
 from .measure import model_accuracy, ort_accuracy
-from .prune import blocks, magnitude_masks, prunable_layers, structured_prune
+from .prune import group_widths, magnitude_masks, prunable_layers, structured_prune
 from .quantize import layer_nodes, quantize_int8
 
 class Sensitivity(NamedTuple):
     """Validation accuracy drops (points) with one layer or block changed at a time."""
-    structured: dict    # {block: [(fraction of inner channels removed, drop)]}
+    structured: dict    # {channel group: [(fraction of its channels removed, drop)]} (utils.prune.channel_groups)
     unstructured: dict  # {layer: [(fraction of weights zeroed, drop)]}
     int8: dict          # {layer: drop when only it is quantized to INT8}
 
@@ -23,20 +23,17 @@ class Sensitivity(NamedTuple):
         return cls(**{name: data[name] for name in cls._fields})
 
 
-CHANNEL_FRACTIONS = (0.25, 0.5, 0.75, 0.9)        # inner channels of one block removed
+CHANNEL_FRACTIONS = (0.25, 0.5, 0.75, 0.9)        # channels of one coupled group removed
 WEIGHT_FRACTIONS = (0.5, 0.7, 0.8, 0.9, 0.95)     # weights of one layer zeroed by magnitude
 
 
 def structured_sensitivity(model, val, fractions=CHANNEL_FRACTIONS, device="cpu"):
-    """{block: [(fraction of inner channels removed, val accuracy drop in points)]}; `model` is on `device`."""
+    """{channel group: [(fraction of its channels removed, val accuracy drop in points)]}, for every residual
+    stream and every block's inner channels (utils.prune.channel_groups); `model` is on `device`."""
     base = model_accuracy(model, val, device)
-    curves = {}
-    for name, block in blocks(model).items():
-        width = block.conv1.out_channels
-        curves[name] = [(f, base - model_accuracy(structured_prune(model, {name: round(width * (1 - f))}).to(device),
-                                                  val, device))
-                        for f in fractions]
-    return curves
+    return {name: [(f, base - model_accuracy(structured_prune(model, {name: round(width * (1 - f))}).to(device),
+                                             val, device)) for f in fractions]
+            for name, width in group_widths(model).items()}
 
 
 def unstructured_sensitivity(model, val, fractions=WEIGHT_FRACTIONS, device="cpu"):
@@ -66,7 +63,7 @@ def int8_sensitivity(float_onnx, quant, val):
 def sensitivity_table(sens):
     """Markdown tables of the three analyses (drop in validation points)."""
     lines = []
-    for kind, title in (("structured", "inner channels removed"), ("unstructured", "weights zeroed")):
+    for kind, title in (("structured", "the group's channels removed"), ("unstructured", "weights zeroed")):
         fractions = [f for f, _ in next(iter(sens[kind].values()))]
         lines += [f"\n{kind} pruning: accuracy drop (points) by fraction of {title}\n",
                   "| layer | " + " | ".join(f"{f:.0%}" for f in fractions) + " |",
