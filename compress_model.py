@@ -26,7 +26,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 import torch
@@ -174,6 +174,12 @@ class Distiller:
             made_from = {**made_from, **{k: self.cfg[k] for k in ("KD_TEMPERATURE", "KD_ALPHA", "TEACHER_FLIP")}}
         fit(model, objective, recipe, self.train, self.val, replace(stage, made_from=made_from))
         return model
+
+    def finetune_key(self):
+        """What every fine-tuning trains with besides its model and epochs: the recipe and the KD loss's settings."""
+        recipe = asdict(self.recipe(self.cfg["FINETUNE_LR"], 0))
+        del recipe["epochs"]
+        return {**recipe, **{k: self.cfg[k] for k in ("KD_TEMPERATURE", "KD_ALPHA", "TEACHER_FLIP")}}
 
     def finetune(self, label, path, model, epochs, made_from):
         """The search's fine-tuning step (utils.search.Finetune)."""
@@ -407,7 +413,7 @@ def main(argv):
         t_search = time.time()
         quant = quantization(train, cfg)
         ctx = search_context(val, base_correct, quant, teacher, cfg)
-        search = Search(ctx, search_plan(cfg), distiller.finetune)
+        search = Search(ctx, search_plan(cfg), distiller.finetune, distiller.finetune_key())
         student = pick_student(search, students)
         control, control_s = scratch_control(student, teacher, distiller, search, cfg)
         sens = sensitivities(student.model, val, quant, cfg)

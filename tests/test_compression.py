@@ -246,3 +246,16 @@ def test_the_student_remeasured_with_the_int8_fallback_is_logged_only_when_it_di
         assert names == ["student", "student_mixed"] and walked_from[0] == "student_mixed"
     else:
         assert names == ["student"] and walked_from[0] == "student" and result.chosen.name == "student"
+
+
+def test_a_candidate_fine_tuned_with_other_settings_gets_a_checkpoint_of_its_own(tmp_path, monkeypatch):
+    paths, parent = [], Candidate({"name": "student"}, tiny_model())
+
+    def finetune(label, path, model, epochs, made_from):
+        paths.append(path)
+        return model
+    for key, epochs in (({"lr": 0.02}, 2), ({"lr": 0.05}, 2), ({"lr": 0.02}, 5), ({"lr": 0.02}, 2)):
+        walk = search.Search(SimpleNamespace(work_dir=str(tmp_path)), None, finetune, key)
+        monkeypatch.setattr(walk, "add", lambda *args, **info: None)
+        walk.step("struct1", parent.model, parent, epochs, {"channels": {"layer1": 4}})
+    assert len(set(paths[:3])) == 3 and paths[3] == paths[0]

@@ -206,8 +206,11 @@ def candidate_path(work, name, made_from):
 class Search:
     """The candidates tried so far, and the two ways to add one: as it is, or fine-tuned from a parent."""
 
-    def __init__(self, ctx, plan, finetune):
+    def __init__(self, ctx, plan, finetune, finetune_key=None):
+        """finetune_key: what `finetune` trains with besides its arguments (its recipe and loss), so that a
+        candidate fine-tuned with other settings gets a checkpoint of its own."""
         self.ctx, self.plan, self.finetune = ctx, plan, finetune
+        self.finetune_key = finetune_key or {}
         self.candidates = []
 
     def measure(self, name, model, int8_drops=None, **info):
@@ -228,7 +231,7 @@ class Search:
     def step(self, name, model, parent, epochs, made_from, **info):
         """Fine-tune `model`, pruned from the candidate `parent`, then measure it as a candidate."""
         made_from = {"source": weights_fingerprint(clean_state_dict(parent.model)), **made_from}
-        path = candidate_path(self.ctx.work_dir, name, made_from)
+        path = candidate_path(self.ctx.work_dir, name, {**made_from, "epochs": epochs, **self.finetune_key})
         return self.add(name, self.finetune(name, path, model, epochs, made_from), parent.int8_drops, **info)
 
 
