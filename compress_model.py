@@ -171,7 +171,7 @@ class Distiller:
         made_from = stage.made_from
         if objective is None:
             objective = self.objective
-            made_from = {**made_from, **{k: self.cfg[k] for k in ("KD_TEMPERATURE", "KD_ALPHA", "TEACHER_FLIP")}}
+            made_from = {**made_from, **self.kd_settings()}
         fit(model, objective, recipe, self.train, self.val, replace(stage, made_from=made_from))
         return model
 
@@ -179,7 +179,11 @@ class Distiller:
         """What every fine-tuning trains with besides its model and epochs: the recipe and the KD loss's settings."""
         recipe = asdict(self.recipe(self.cfg["FINETUNE_LR"], 0))
         del recipe["epochs"]
-        return {**recipe, **{k: self.cfg[k] for k in ("KD_TEMPERATURE", "KD_ALPHA", "TEACHER_FLIP")}}
+        return {**recipe, **self.kd_settings()}
+
+    def kd_settings(self):
+        """The KD loss's constants: what a checkpoint trained by it was made from besides its recipe."""
+        return {k: self.cfg[k] for k in ("KD_TEMPERATURE", "KD_ALPHA", "TEACHER_FLIP")}
 
     def finetune(self, label, path, model, epochs, made_from):
         """The search's fine-tuning step (utils.search.Finetune)."""

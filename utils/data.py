@@ -198,8 +198,12 @@ def augment_params(n, generator):
     """Random pad-4 crop offsets and flips of n images: (3, n) int64 rows dy, dx (0..8) and flip (0 or 1)."""
     dy = torch.randint(0, 9, (n,), generator=generator)
     dx = torch.randint(0, 9, (n,), generator=generator)
-    flip = (torch.rand(n, generator=generator) < 0.5).long()
-    return torch.stack([dy, dx, flip])
+    return torch.stack([dy, dx, random_flips(n, generator)])
+
+
+def random_flips(n, generator):
+    """n random horizontal flips, 0 or 1 (int64), each with probability one half."""
+    return (torch.rand(n, generator=generator) < 0.5).long()
 
 
 def apply_augment(x, params):
@@ -225,7 +229,7 @@ def fixed_views(n, views, seed):
 def remirrored(params, generator):
     """A copy of augmentation `params` (augment_params) with the same crops and fresh random flips."""
     out = params.clone()
-    out[2] = (torch.rand(params.shape[1], generator=generator) < 0.5).long()
+    out[2] = random_flips(params.shape[1], generator)
     return out
 
 

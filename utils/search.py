@@ -235,12 +235,12 @@ class Search:
         return self.add(name, self.finetune(name, path, model, epochs, made_from), parent.int8_drops, **info)
 
 
-def structured_counts(student, curves, level, multiple):
+def structured_counts(student, curves, sizes, level, multiple):
     """Channels per coupled group (utils.prune.channel_groups: residual streams and blocks' inner channels) at
     pruning level `level`: the fraction of channels removed, averaged over the groups weighted by the weights each
-    runs through, spread by sensitivity (utils.prune.allocate), rounded to a multiple of `multiple` (never below
-    it, never above the group's width)."""
-    ratios = allocate(curves, group_sizes(student), level)
+    runs through (sizes: utils.prune.group_sizes), spread by sensitivity (utils.prune.allocate), rounded to a
+    multiple of `multiple` (never below it, never above the group's width)."""
+    ratios = allocate(curves, sizes, level)
     return {name: min(width, max(multiple, multiple * round(width * (1 - ratios[name]) / multiple)))
             for name, width in group_widths(student).items()}
 
@@ -271,10 +271,10 @@ def walk(search, start, steps):
 def structured_steps(plan, start, curves):
     """Channels of the residual streams and the blocks' insides removed at evenly spaced levels up to struct_max,
     each level's channels spread over the groups by their sensitivity (from the start's widths)."""
-    steps = []
+    steps, sizes = [], group_sizes(start.model)
     for k in range(1, plan.struct_steps + 1):
         level = plan.struct_max * k / plan.struct_steps
-        counts = structured_counts(start.model, curves, level, plan.channel_multiple)
+        counts = structured_counts(start.model, curves, sizes, level, plan.channel_multiple)
         steps.append(PruneStep(f"struct{k}", lambda model, counts=counts: (structured_prune(model, counts),
                                                                            {"channels": counts}),
                                plan.struct_epochs, {"kind": "structured", "level": level}))

@@ -1,7 +1,7 @@
 """Per-layer sensitivity of validation accuracy to structured pruning, unstructured pruning and INT8
-quantization: one layer (or coupled channel group) changed at a time, the rest left as it is, no fine-tuning. The curves
-pick the per-layer ratios of the search (utils.prune.allocate) and the layers the INT8 fallback keeps in
-float. Saved as sensitivity.json, a Markdown table and a PNG plot (utils.plots)."""
+quantization: one layer (or coupled channel group) changed at a time, the rest left as it is, no
+fine-tuning. The curves pick the per-layer ratios of the search (utils.prune.allocate) and the layers the INT8
+fallback keeps in float. Saved as sensitivity.json, a Markdown table and a PNG plot (utils.plots)."""
 import copy
 import os
 from typing import NamedTuple

@@ -32,8 +32,9 @@ class TrainRecipe:
     amp_dtype: str = "float32"   # autocast dtype of the forward pass: float32 | bfloat16
     views: int = 0               # 0: a fresh random augmentation every epoch; K: the K fixed views of
                                  # data.fixed_views(N, K, seed), epoch e showing view e % K (cached teacher logits)
-    mirror_views: bool = False   # with views: each epoch mirrors a fresh random half of the images instead of the view's
-                                 # own flips (for targets a mirror does not change: flip-averaged teacher logits)
+    mirror_views: bool = False   # with views: each epoch mirrors a fresh random half of the images instead of the
+                                 # view's own flips (for targets a mirror does not change: flip-averaged teacher
+                                 # logits)
     lookahead: int = 0           # 0: off; K: every K steps the weights are pulled towards a slow copy of them, more so
                                  # as training ends (Lookahead as airbench uses it; see `Lookahead`)
 
