@@ -293,7 +293,7 @@ def sensitivities(student, val, quant, cfg):
     made from the same student and images; also written as sensitivity.md and .png."""
     out = cfg["OUT_DIR"]
     key = {"student": weights_fingerprint(clean_state_dict(student)), "SENS_IMAGES": cfg["SENS_IMAGES"],
-           "CALIB_IMAGES": cfg["CALIB_IMAGES"], "groups": list(group_widths(student))}
+           "CALIB_IMAGES": cfg["CALIB_IMAGES"], "groups": list(group_widths(student)), "blocks_left_out": True}
 
     def compute():
         t0 = time.time()

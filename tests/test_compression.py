@@ -12,8 +12,11 @@ from conftest import tiny_data, tiny_model
 from utils.checkpoint import Progress, load_checkpoint, load_model, write_checkpoint
 from utils.quantize import Quantization, export_onnx, quantize_int8
 from utils.models import ARCHS, STEMS, ResNet, count_macs
-from utils.prune import (agp_schedule, allocate, blocks, channel_groups, group_widths, magnitude_masks,
-                         make_pruning_permanent, prunable_layers, ratio_at, structured_prune, weight_sparsity)
+from utils.data import Split
+from utils.prune import (agp_schedule, allocate, blocks, channel_groups, group_sizes, group_widths, magnitude_masks,
+                         make_pruning_permanent, prunable_layers, ratio_at, removable, structured_prune,
+                         weight_sparsity)
+from utils.sensitivity import structured_sensitivity
 from utils import search
 from utils.search import Candidate, SearchContext, choose, quantize_within_budget, score
 from utils.sparse import load_sparse_onnx, save_sparse_onnx
@@ -106,6 +109,58 @@ def test_a_stream_pruned_model_rebuilds_exports_quantizes_and_round_trips(tmp_pa
     session = ort.InferenceSession(int8, providers=["CPUExecutionProvider"])
     out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     assert out.shape == (4, 4) and (out.argmax(1) == pruned(x).argmax(1).numpy()).mean() >= 0.5
+
+
+def test_a_block_that_adds_nothing_is_left_out_without_changing_the_outputs():
+    model = tiny_model().eval()
+    with torch.no_grad():  # layer2.1 adds 0 to the stream: relu(0 + x) is x, which is already >= 0
+        model.layer2[1].bn2.weight.zero_()
+        model.layer2[1].bn2.bias.zero_()
+    pruned = structured_prune(model, {"layer2.1": 0})
+    assert "layer2.1" not in blocks(pruned) and pruned.spec["kwargs"]["mids"] == [8, 8, 16, 0, 32, 32, 64, 64]
+    x = torch.rand(4, 3, 32, 32)
+    assert torch.allclose(pruned(x), model(x), atol=1e-5)
+
+
+def test_a_model_with_a_block_left_out_rebuilds_bit_for_bit_and_keeps_the_other_blocks_names(tmp_path):
+    model = tiny_model().eval()
+    pruned = structured_prune(model, {"layer1.1": 0, "layer3": 16})
+    assert list(blocks(pruned)) == ["layer1.0", "layer2.0", "layer2.1", "layer3.0", "layer3.1", "layer4.0", "layer4.1"]
+    path = str(tmp_path / "pruned.pth")
+    write_checkpoint(path, {"stage": "pruned", "model": pruned.spec}, pruned, Progress(1, 1))
+    loaded = load_model(load_checkpoint(path, "pruned"), path)  # torch.load with weights_only=True
+    x = torch.rand(4, 3, 32, 32)
+    assert torch.equal(loaded(x), pruned(x))
+
+
+def test_a_stage_keeps_its_first_block():
+    model = tiny_model().eval()
+    assert blocks(structured_prune(model, {"layer2.0": 0}))["layer2.0"].conv1.out_channels == 1
+    with pytest.raises(ValueError, match="first block"):
+        ResNet(stem="cifar", widths=(8, 16), blocks=(2, 2), mids=[8, 8, 0, 16])
+
+
+def test_a_removable_block_goes_when_its_channels_round_to_zero():
+    model = ResNet(stem="cifar", widths=(16, 32), blocks=(2, 2), num_classes=4)
+    flat = [(0.25, 0.0), (0.5, 0.0), (0.75, 0.0), (0.9, 0.0)]
+    curves = {name: flat + ([(1.0, 0.0)] if removable(name) else []) for name in group_widths(model)}
+    counts = search.structured_counts(model, curves, group_sizes(model), 0.95, 16)
+    assert counts == {"layer1": 16, "layer2": 16, "layer1.0": 16, "layer1.1": 0, "layer2.0": 16, "layer2.1": 0}
+
+
+def test_the_sensitivity_of_a_removable_group_includes_leaving_its_block_out():
+    model = tiny_model().eval()
+    curves = structured_sensitivity(model, Split(*tiny_data(16), classes=list("abcd")), fractions=(0.5,))
+    assert [f for f, _ in curves["layer2.1"]] == [0.5, 1.0] and [f for f, _ in curves["layer2.0"]] == [0.5]
+    assert [f for f, _ in curves["layer2"]] == [0.5]
+
+
+def test_unstructured_steps_skip_the_layers_of_a_block_left_out():
+    model = structured_prune(tiny_model().eval(), {"layer1.1": 0})
+    curves = {name: [(0.5, 0.0), (0.9, 1.0)] for name in prunable_layers(tiny_model())}  # the student's layers
+    plan = SimpleNamespace(sparsity=0.5, agp_steps=1, agp_epochs=1)
+    pruned, made_from = search.agp_steps(plan, curves)[0].prune(model)
+    assert "layer1.1.conv1" not in made_from["ratios"] and weight_sparsity(pruned) > 0.3
 
 
 def quantized_tiny(tmp_path, sparsity):

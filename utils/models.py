@@ -7,9 +7,13 @@ One class covers every network the pipeline makes:
   stem="pool":     3x3 stride-1 conv + 2x2 max-pool (16x16 maps at layer1; the stem itself at 32x32)
 `widths` and `blocks` set the channels and depth of each stage (four stages: ResNet-18; three stages of three
 blocks at 16-32-64: the CIFAR ResNet-20), so a student is the same code. `mids` (one per block) sets each block's
-inner width: structured pruning removes inner channels and records the new widths there.
+inner width: structured pruning removes inner channels and records the new widths there. A mid of 0 leaves the
+block out (the stage's stream passes it unchanged); the first block of a stage always stays. The other blocks
+keep their names (layer1.0, layer1.2), so a block's weights have one name whatever was removed around it.
 Keeping normalisation inside means an exported ONNX file takes plain RGB floats in [0, 1].
 """
+from collections import OrderedDict
+
 import torch
 from torch import nn
 from torchvision.models.resnet import conv1x1, conv3x3
@@ -92,8 +96,10 @@ class ResNet(nn.Module):
         mids = list(mids) if mids is not None else full
         if len(widths) != len(blocks) or not widths:
             raise ValueError(f"one width per stage: widths {widths}, blocks {blocks}")
-        if len(mids) != len(full) or min(mids) < 1:
-            raise ValueError(f"mids needs {len(full)} positive inner widths, got {mids}")
+        firsts = [sum(blocks[:i]) for i in range(len(blocks))]
+        if len(mids) != len(full) or min(mids) < 0 or min(mids[i] for i in firsts) < 1:
+            raise ValueError(f"mids needs {len(full)} inner widths, >= 0, the first block's of each stage >= 1; "
+                             f"got {mids}")
         # what a checkpoint needs to rebuild this model (mids only when they differ from the stage widths)
         self.spec = model_spec(stem, widths, num_classes, blocks, None if mids == full else mids)
         self.register_buffer("mean", torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1))
@@ -143,13 +149,14 @@ def whiten_stem(model, images, eps=5e-4):
 
 
 def make_stage(inplanes, width, mids, stride):
-    """len(mids) blocks; the first changes stride and width (with a 1x1 conv shortcut when it must)."""
+    """One block per mid, named by its place ("0", "1", ...); the first changes stride and width (with a 1x1 conv
+    shortcut when it must); a block whose mid is 0 is left out."""
     downsample = None
     if stride != 1 or inplanes != width:
         downsample = nn.Sequential(conv1x1(inplanes, width, stride), nn.BatchNorm2d(width))
-    layers = [Block(inplanes, width, mids[0], stride, downsample)]
-    layers += [Block(width, width, mid) for mid in mids[1:]]
-    return nn.Sequential(*layers)
+    layers = {"0": Block(inplanes, width, mids[0], stride, downsample)}
+    layers.update({str(i): Block(width, width, mid) for i, mid in enumerate(mids) if i > 0 and mid > 0})
+    return nn.Sequential(OrderedDict(layers))
 
 
 def build_model(spec):

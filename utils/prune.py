@@ -6,6 +6,9 @@ coupled groups, each named here by where it lives:
   "layer2.1": a block's inner channels (its conv1's filters, bn1, its conv2's inputs);
   "layer2":   a stage's residual stream (the stem or the stage's shortcut conv, every block's conv2 output and
               bn2, the shortcut additions, and the inputs of the next stage or of the classifier).
+A block's inner group may also go to 0 channels, which removes the block (depth pruning: a stage's later blocks
+can go, its first cannot), because at 32x32 ONNX Runtime's INT8 convolutions with fewer than 16 output channels
+take no less time, so only removing a block makes the widest maps cheaper.
 The layers become physically smaller. The new widths go into the model's spec (stage `widths`, inner `mids`),
 which is what a checkpoint rebuilds from: a pruned model is returned rebuilt from its spec, so it is the class
 that loads it, not a modified copy.
@@ -78,27 +81,39 @@ def group_widths(model):
     return {name: conv.out_channels for name, conv in channel_groups(model).items()}
 
 
+def removable(name):
+    """Whether a group's channels may all go: a block's inner group, except the first block's of a stage."""
+    return "." in name and not name.endswith(".0")
+
+
 def structured_prune(model, keep_counts):
     """A copy of `model` (rebuilt from its spec, on the CPU, eval mode) where each group named in keep_counts keeps
-    its keep_counts[name] most important channels (at least 1), by Torch-Pruning's group L2 magnitude (each
-    channel's weights over every layer of its group). Masks of unstructured pruning are folded into the copy's
-    weights (its zeros stay). `model` is not changed."""
+    its keep_counts[name] most important channels, by Torch-Pruning's group L2 magnitude (each channel's weights
+    over every layer of its group): at least 1, or 0 for a removable group, whose block is then left out. A
+    group already removed may be named with 0. Masks of unstructured pruning are folded into the copy's weights
+    (its zeros stay). `model` is not changed."""
     pruned = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format).eval()
     make_pruning_permanent(pruned)
     graph = dependency_graph(pruned)
     importance = tp.importance.GroupMagnitudeImportance(p=2)
     roots = channel_groups(pruned)
     for name, count in keep_counts.items():
+        if name not in roots and count == 0:
+            continue
         conv = roots[name]
-        n = max(1, min(int(count), conv.out_channels))
-        if n < conv.out_channels:
+        n = max(0 if removable(name) else 1, min(int(count), conv.out_channels))
+        if 0 < n < conv.out_channels:
             order = torch.sort(importance(group_of(graph, conv)), descending=True, stable=True).indices
             group_of(graph, conv, sorted(order[n:].tolist())).prune()
     kw = pruned.spec["kwargs"]
+    removed = [name for name in blocks(pruned) if removable(name) and keep_counts.get(name, 1) == 0]
+    mids = {name: 0 if name in removed else b.conv1.out_channels for name, b in blocks(pruned).items()}
     spec = model_spec(kw["stem"], [roots[stage].out_channels for stage in pruned.stages], kw["num_classes"],
-                      kw["blocks"], [b.conv1.out_channels for b in blocks(pruned).values()])
+                      kw["blocks"], [mids.get(f"{stage}.{i}", 0) for stage, n in zip(pruned.stages, kw["blocks"])
+                                     for i in range(n)])
     rebuilt = build_model(spec).eval()
-    rebuilt.load_state_dict(pruned.state_dict())
+    rebuilt.load_state_dict({k: v for k, v in pruned.state_dict().items()
+                             if not any(k.startswith(f"{name}.") for name in removed)})
     return rebuilt
 
 
@@ -142,16 +157,16 @@ def agp_schedule(final, steps):
 
 
 def ratio_at(curve, threshold):
-    """Largest pruning ratio whose measured accuracy drop stays <= threshold (linear between measured points).
-    curve: [(ratio, drop), ...] with ratio increasing; (0, 0) is implied."""
-    best, prev = 0.0, (0.0, 0.0)
+    """Largest pruning ratio whose accuracy drop stays <= threshold, the drop taken as linear between measured
+    points. curve: [(ratio, drop), ...] with ratio increasing; (0, 0) is implied. The drop need not rise with the
+    ratio: leaving a block out (ratio 1.0) can cost less than halving it."""
+    best, (r0, d0) = 0.0, (0.0, 0.0)
     for ratio, drop in curve:
         if drop <= threshold:
-            best, prev = ratio, (ratio, drop)
-            continue
-        r0, d0 = prev
-        best = r0 + (ratio - r0) * max(0.0, threshold - d0) / max(drop - d0, 1e-9)
-        break
+            best = ratio
+        elif d0 <= threshold:
+            best = max(best, r0 + (ratio - r0) * (threshold - d0) / (drop - d0))
+        r0, d0 = ratio, drop
     return best
 
 

@@ -28,7 +28,7 @@ from .data import Split
 from .measure import Timing, model_accuracy, ort_correct, ort_latency, paired_drop_bound, percent
 from .models import arch_slug, count_macs
 from .prune import agp_schedule, allocate, group_sizes, group_widths, magnitude_masks, prunable_layers, \
-    structured_prune, weight_sparsity, zero_fractions
+    removable, structured_prune, weight_sparsity, zero_fractions
 from .quantize import Quantization, export_onnx, quantize_int8
 from .sparse import save_sparse_onnx
 
@@ -153,7 +153,8 @@ def measure_candidate(name, model, ctx, int8_drops, max_float_layers, **info):
     float_onnx = export_onnx(model, os.path.join(ctx.work_dir, f"{name}_fp32.onnx"))
     int8_path = os.path.join(ctx.work_dir, f"{name}.int8.onnx")
     # already under the floor in float: no fallback can help, plain INT8 is measured for the log
-    drops = int8_drops if float_val >= ctx.floor else None
+    layers = prunable_layers(model)  # a block left out has no layers to keep in float
+    drops = {n: d for n, d in int8_drops.items() if n in layers} if int8_drops and float_val >= ctx.floor else None
     correct, keep = quantize_within_budget(float_onnx, int8_path, ctx, drops, max_float_layers)
     val_acc, bound, within = ctx.judge(correct)
     archive = int8_path.replace(".onnx", ".sparse")
@@ -239,9 +240,12 @@ def structured_counts(student, curves, sizes, level, multiple):
     """Channels per coupled group (utils.prune.channel_groups: residual streams and blocks' inner channels) at
     pruning level `level`: the fraction of channels removed, averaged over the groups weighted by the weights each
     runs through (sizes: utils.prune.group_sizes), spread by sensitivity (utils.prune.allocate), rounded to a
-    multiple of `multiple` (never below it, never above the group's width)."""
+    multiple of `multiple` (never above the group's width, never below `multiple`). A removable group
+    (utils.prune.removable) gets 0, its block left out, only where the allocation gives it all of its channels:
+    where leaving the block out costs no more than the level's threshold, not where rounding would."""
     ratios = allocate(curves, sizes, level)
-    return {name: min(width, max(multiple, multiple * round(width * (1 - ratios[name]) / multiple)))
+    return {name: 0 if removable(name) and ratios[name] >= 1.0 else
+            min(width, max(multiple, multiple * round(width * (1 - ratios[name]) / multiple)))
             for name, width in group_widths(student).items()}
 
 
@@ -288,7 +292,7 @@ def agp_steps(plan, curves):
         def prune(model):
             model = copy.deepcopy(model)
             sizes = {n: m.weight.numel() for n, m in prunable_layers(model).items()}
-            ratios = allocate(curves, sizes, target)
+            ratios = allocate({n: curves[n] for n in sizes}, sizes, target)  # the layers of blocks still there
             magnitude_masks(model, ratios)
             return model, {"ratios": ratios}
         return prune

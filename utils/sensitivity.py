@@ -9,12 +9,13 @@ from typing import NamedTuple
 from .checkpoint import cpu_copy
 from .files import scratch_path
 from .measure import model_accuracy, ort_accuracy
-from .prune import group_widths, magnitude_masks, prunable_layers, structured_prune
+from .prune import group_widths, magnitude_masks, prunable_layers, removable, structured_prune
 from .quantize import layer_nodes, quantize_int8
 
 class Sensitivity(NamedTuple):
     """Validation accuracy drops (points) with one layer or block changed at a time."""
-    structured: dict    # {channel group: [(fraction of its channels removed, drop)]} (utils.prune.channel_groups)
+    structured: dict    # {channel group: [(fraction of its channels removed, drop)]} (utils.prune.channel_groups);
+                        # a removable group's curve ends at 1.0: its block left out
     unstructured: dict  # {layer: [(fraction of weights zeroed, drop)]}
     int8: dict          # {layer: drop when only it is quantized to INT8}
 
@@ -29,10 +30,11 @@ WEIGHT_FRACTIONS = (0.5, 0.7, 0.8, 0.9, 0.95)     # weights of one layer zeroed 
 
 def structured_sensitivity(model, val, fractions=CHANNEL_FRACTIONS, device="cpu"):
     """{channel group: [(fraction of its channels removed, val accuracy drop in points)]}, for every residual
-    stream and every block's inner channels (utils.prune.channel_groups); `model` is on `device`."""
+    stream and every block's inner channels (utils.prune.channel_groups), and for a removable group (a block that
+    can be left out, utils.prune.removable) at 1.0 too; `model` is on `device`."""
     base = model_accuracy(model, val, device)
     return {name: [(f, base - model_accuracy(structured_prune(model, {name: round(width * (1 - f))}).to(device),
-                                             val, device)) for f in fractions]
+                                             val, device)) for f in fractions + ((1.0,) if removable(name) else ())]
             for name, width in group_widths(model).items()}
 
 
@@ -64,11 +66,13 @@ def sensitivity_table(sens):
     """Markdown tables of the three analyses (drop in validation points)."""
     lines = []
     for kind, title in (("structured", "the group's channels removed"), ("unstructured", "weights zeroed")):
-        fractions = [f for f, _ in next(iter(sens[kind].values()))]
-        lines += [f"\n{kind} pruning: accuracy drop (points) by fraction of {title}\n",
+        fractions = sorted({f for curve in sens[kind].values() for f, _ in curve})
+        lines += [f"\n{kind} pruning: accuracy drop (points) by fraction of {title}"
+                  f"{' (100%: the block left out)' if kind == 'structured' else ''}\n",
                   "| layer | " + " | ".join(f"{f:.0%}" for f in fractions) + " |",
                   "|---|" + "---:|" * len(fractions)]
-        lines += [f"| {name} | " + " | ".join(f"{d:+.2f}" for _, d in curve) + " |"
+        lines += [f"| {name} | " + " | ".join(f"{dict(curve)[f]:+.2f}" if f in dict(curve) else "-"
+                                              for f in fractions) + " |"
                   for name, curve in sens[kind].items()]
     lines += ["\nINT8 (only this layer quantized): accuracy drop (points)\n", "| layer | drop |", "|---|---:|"]
     lines += [f"| {name} | {d:+.2f} |" for name, d in sens["int8"].items()]
