@@ -26,10 +26,10 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable
 
-from utils.config import UserError, file_constants, parse_value, run_cli
+from utils.config import UserError, config_type, file_constants, parse_value, run_cli
 from utils.files import atomic_write_text, write_json
 from utils.plots import read_metrics
 
@@ -41,6 +41,7 @@ STOP_AFTER = ""              # "" | train_baseline.py | compress_model.py: end t
 PUBLISH = ""                 # "" | a folder (e.g. docs): the finished run written up as its results.md, the run's
                              # small files copied into its results/; an OUT_DIR already finished is only published
 # -----------------------------------------------------------------------------------------------
+Config = config_type("Config", globals())  # the constants above as a frozen dataclass
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPTS = ("train_baseline.py", "compress_model.py", "evaluate_results.py")  # run in this order
 
@@ -83,9 +84,8 @@ TARGETS = {
 
 
 def route_flags(argv):
-    """({script: [its flags]}, benchmark's own constants): each flag to every script that knows its name."""
-    own = {"OUT_DIR": OUT_DIR, "REFERENCE_SECONDS": REFERENCE_SECONDS, "RESUME": RESUME, "STOP_AFTER": STOP_AFTER,
-           "PUBLISH": PUBLISH}
+    """({script: [its flags]}, this script's own configuration): each flag to every script that knows its name."""
+    own = {f.name: f.default for f in fields(Config)}
     routed = {script: [] for script in SCRIPTS}
     constants = {script: file_constants(os.path.join(HERE, script)) for script in SCRIPTS}
     args = list(argv)
@@ -102,7 +102,7 @@ def route_flags(argv):
             raise UserError(f"unknown constant --{name}: no script has it")
         for script in known:
             routed[script].append(arg)
-    return routed, own
+    return routed, Config(**own)
 
 
 def stage_speeds(out):
@@ -143,7 +143,7 @@ def start_or_resume(out, argv, own, profile_flags):
     flags; "running" names a script that started and did not finish, which makes the run "interrupted"."""
     path = os.path.join(out, PROGRESS_FILE)
     run_flags = [a for a in argv if a.partition("=")[0] not in ("--RESUME", "--STOP_AFTER", "--PUBLISH")]
-    if own["RESUME"] and os.path.exists(path):
+    if own.RESUME and os.path.exists(path):
         with open(path) as f:
             progress = json.load(f)
         if progress["argv"] != run_flags:
@@ -156,10 +156,10 @@ def start_or_resume(out, argv, own, profile_flags):
         progress["interrupted"] = progress["interrupted"] or bool(progress.pop("running", None))
         return progress
     if os.path.exists(os.path.join(out, "baseline.pth")):
-        raise UserError(f"{out} already holds a run{' not started by benchmark.py' if own['RESUME'] else ''}; "
+        raise UserError(f"{out} already holds a run{' not started by benchmark.py' if own.RESUME else ''}; "
                         f"the benchmark starts from an empty folder")
     os.makedirs(out, exist_ok=True)
-    progress = {"argv": run_flags, "reference": reference_workload(own["REFERENCE_SECONDS"], profile_flags),
+    progress = {"argv": run_flags, "reference": reference_workload(own.REFERENCE_SECONDS, profile_flags),
                 "timing": {}, "interrupted": False}
     save_progress(out, progress)
     return progress
@@ -191,18 +191,18 @@ def run_scripts(out, routed, progress, stop_after):
 
 def main(argv):
     routed, own = route_flags(argv)
-    out = own["OUT_DIR"]
-    if own["STOP_AFTER"] and own["STOP_AFTER"] not in SCRIPTS:
-        raise UserError(f"--STOP_AFTER must be one of {', '.join(SCRIPTS)}, got {own['STOP_AFTER']!r}")
-    if own["PUBLISH"] and os.path.exists(os.path.join(out, "benchmark.json")):
-        publish(out, own["PUBLISH"])
+    out = own.OUT_DIR
+    if own.STOP_AFTER and own.STOP_AFTER not in SCRIPTS:
+        raise UserError(f"--STOP_AFTER must be one of {', '.join(SCRIPTS)}, got {own.STOP_AFTER!r}")
+    if own.PUBLISH and os.path.exists(os.path.join(out, "benchmark.json")):
+        publish(out, own.PUBLISH)
         return
     progress = start_or_resume(out, argv, own, routed["train_baseline.py"])
-    if not run_scripts(out, routed, progress, own["STOP_AFTER"]):
+    if not run_scripts(out, routed, progress, own.STOP_AFTER):
         return
     report(out, argv, progress)
-    if own["PUBLISH"]:
-        publish(out, own["PUBLISH"])
+    if own.PUBLISH:
+        publish(out, own.PUBLISH)
 
 
 def report(out, argv, progress):

@@ -8,6 +8,7 @@ the pipeline then
      TEACHER_FLIP the mean over each view and its mirror) and distils it into each of the STUDENTS (small ResNets)
                                                                                    -> OUT_DIR/student_<name>.pth
   2. measures each student as INT8 and picks one by the objective within the budget -> OUT_DIR/student.pth
+     (its INT8 model, what the pruned model's speed is compared with             -> OUT_DIR/student_int8.onnx)
      and trains the picked architecture on the labels alone, the control that says what the teacher bought
      (SCRATCH_CONTROL; timed apart from the pipeline)                             -> OUT_DIR/scratch.pth
   3. measures each layer's sensitivity to pruning and to INT8 of the picked student -> OUT_DIR/sensitivity.*
@@ -33,7 +34,7 @@ import torch
 
 from utils.checkpoint import (ARTIFACTS, CONTROL, Progress, clean_state_dict, count_params, load_checkpoint,
                               load_model, weights_fingerprint, write_checkpoint)
-from utils.config import UserError, check_choice, check_range, configure, run_cli
+from utils.config import UserError, check_choice, check_range, config_type, configure, run_cli
 from utils.data import Split, fixed_views, load_dataset, train_val_split
 from utils.device import check_amp_dtype, pick_device
 from utils.files import ArtifactSet, atomic_write_text, cache_or_compute, file_digest, new_run_id, out_dir_lock, \
@@ -57,7 +58,7 @@ MAX_ACC_DROP = 1.0           # points of accuracy the final INT8 model may lose 
                              # one-sided 95% bound of its paired drop on validation (not the point estimate)
 OBJECTIVE = "balanced"       # size | latency | balanced: what the search minimises within MAX_ACC_DROP: archive
                              # bytes, MACs (what latency follows; timings vary from run to run), or both
-PROFILE = "auto"             # auto | cpu | gpu: defaults below for the CPU, replaced by _PROFILES["gpu"] on CUDA
+PROFILE = "auto"             # auto | cpu | gpu: defaults below for the CPU, replaced by PROFILES["gpu"] on CUDA
 DEVICE = "auto"              # auto | cpu | cuda
 STUDENTS = "resnet20"        # comma-separated utils.models.ARCHS names or stem:widths:blocks specs, each
                              # distilled, the search picking one; resnet20: CIFAR ResNet-20 (16-32-64, 32x32 maps,
@@ -98,21 +99,22 @@ CHANNELS_LAST = True         # channels-last memory format while training
 AMP_DTYPE = "float32"        # float32 | bfloat16: autocast dtype of training (decisions are always float32)
 SEED = 0                     # seed of initialisation, batch order and the calibration images
 # -----------------------------------------------------------------------------------------------
-_PROFILES = {"cpu": {}, "gpu": {"STUDENTS": "resnet20_w32,resnet18_cifar_w32", "KD_EPOCHS": 40, "TEACHER_VIEWS": 0,
+PROFILES = {"cpu": {}, "gpu": {"STUDENTS": "resnet20_w32,resnet18_cifar_w32", "KD_EPOCHS": 40, "TEACHER_VIEWS": 0,
                                "BATCH_SIZE": 512, "KD_LR": 0.4,
                                "STRUCT_EPOCHS": 4, "AGP_EPOCHS": 2,
                                "AMP_DTYPE": "bfloat16"}}
+Config = config_type("Config", globals())  # the constants above as a frozen dataclass: cfg.NAME
 
 
 def check_config(cfg):
-    names = cfg["STUDENTS"].split(",")
+    names = cfg.STUDENTS.split(",")
     for name in names:
         try:
             parse_arch(name)
         except ValueError as e:
             raise UserError(f"--STUDENTS: {e}") from None
     if len(set(names)) != len(names):
-        raise UserError(f"--STUDENTS names a student twice: {cfg['STUDENTS']}")
+        raise UserError(f"--STUDENTS names a student twice: {cfg.STUDENTS}")
     check_choice(cfg, "CALIB_METHOD", ("MinMax", "Entropy", "Percentile"))
     check_choice(cfg, "OBJECTIVE", OBJECTIVES)
     check_amp_dtype(cfg)
@@ -137,10 +139,10 @@ class Teacher:
     """The baseline as the teacher: its checkpoint, its model (eval mode, on the device) and where it lies."""
 
     def __init__(self, cfg):
-        self.path = os.path.join(cfg["OUT_DIR"], ARTIFACTS["baseline"])
+        self.path = os.path.join(cfg.OUT_DIR, ARTIFACTS["baseline"])
         self.ckpt = load_checkpoint(self.path, "baseline", finished=True)
-        model = load_model(self.ckpt, self.path).to(cfg["DEVICE"]).eval()
-        if cfg["CHANNELS_LAST"] and cfg["DEVICE"] == "cuda":
+        model = load_model(self.ckpt, self.path).to(cfg.DEVICE).eval()
+        if cfg.CHANNELS_LAST and cfg.DEVICE == "cuda":
             # as its input batches and the students are: with TEACHER_VIEWS=0 it runs on every training step, and
             # a contiguous model would convert the layout in each convolution. On the CPU it runs once per cached
             # view; its layout there stays as the CPU benchmark measured it.
@@ -157,17 +159,17 @@ class Distiller:
     objective: Callable
     train: Split
     val: Split
-    cfg: dict
+    cfg: Config
     meta: dict
 
     def recipe(self, lr, epochs):
         # flip-averaged targets are the same for a view and its mirror, so each epoch may mirror its own images
-        return recipe_from(self.cfg, lr, epochs, views=self.cfg["TEACHER_VIEWS"], mirror_views=self.cfg["TEACHER_FLIP"])
+        return recipe_from(self.cfg, lr, epochs, views=self.cfg.TEACHER_VIEWS, mirror_views=self.cfg.TEACHER_FLIP)
 
     def fit(self, stage, model, recipe, objective=None):
         """Train `model` (moved to the device and memory format of training) by `objective` (default: the KD
         loss, whose settings then join what the checkpoint was made from)."""
-        model = placed_for_training(model, self.cfg["DEVICE"], self.cfg["CHANNELS_LAST"])
+        model = placed_for_training(model, self.cfg.DEVICE, self.cfg.CHANNELS_LAST)
         made_from = stage.made_from
         if objective is None:
             objective = self.objective
@@ -177,40 +179,40 @@ class Distiller:
 
     def finetune_key(self):
         """What every fine-tuning trains with besides its model and epochs: the recipe and the KD loss's settings."""
-        recipe = asdict(self.recipe(self.cfg["FINETUNE_LR"], 0))
+        recipe = asdict(self.recipe(self.cfg.FINETUNE_LR, 0))
         del recipe["epochs"]
         return {**recipe, **self.kd_settings()}
 
     def kd_settings(self):
         """The KD loss's constants: what a checkpoint trained by it was made from besides its recipe."""
-        return {k: self.cfg[k] for k in ("KD_TEMPERATURE", "KD_ALPHA", "TEACHER_FLIP")}
+        return {k: getattr(self.cfg, k) for k in ("KD_TEMPERATURE", "KD_ALPHA", "TEACHER_FLIP")}
 
     def finetune(self, label, path, model, epochs, made_from):
         """The search's fine-tuning step (utils.search.Finetune)."""
-        stage = Stage("pruned", label, path, self.cfg["DEVICE"], made_from, self.meta,
-                      metrics=os.path.join(self.cfg["OUT_DIR"], METRICS_FILE))
-        return self.fit(stage, model, self.recipe(self.cfg["FINETUNE_LR"], epochs))
+        stage = Stage("pruned", label, path, self.cfg.DEVICE, made_from, self.meta,
+                      metrics=os.path.join(self.cfg.OUT_DIR, METRICS_FILE))
+        return self.fit(stage, model, self.recipe(self.cfg.FINETUNE_LR, epochs))
 
 
 def load_splits(cfg, teacher):
     """The baseline's own train/validation split (its VAL_SIZE, SEED and TRAIN_SUBSET), training images on the
     device; the data's classes must be the ones the baseline was trained on."""
-    data = load_dataset(cfg["DATA_DIR"], cfg["DOWNLOAD"], cfg["OUT_DIR"])
+    data = load_dataset(cfg.DATA_DIR, cfg.DOWNLOAD, cfg.OUT_DIR)
     if data["train"].classes != teacher.classes:
-        raise UserError(f"{teacher.path} was trained on the classes {teacher.classes}, but {cfg['DATA_DIR']} holds "
+        raise UserError(f"{teacher.path} was trained on the classes {teacher.classes}, but {cfg.DATA_DIR} holds "
                         f"{data['train'].classes}: use the data it was trained on, or train a new baseline")
     base = teacher.ckpt["config"]
     train, val = train_val_split(data["train"], base["VAL_SIZE"], base["SEED"], base.get("TRAIN_SUBSET", 0))
-    return train.to(cfg["DEVICE"]), val
+    return train.to(cfg.DEVICE), val
 
 
 def baseline_on_val(teacher, val, cfg):
     """The baseline's per-image correctness on validation, in exact float32 like every candidate's: what each
     candidate's paired drop is measured against."""
-    correct = model_correct(teacher.model, val, cfg["DEVICE"], 512)
-    print(f"budget: baseline val {percent(correct):.2f}%; a candidate is within MAX_ACC_DROP={cfg['MAX_ACC_DROP']} "
+    correct = model_correct(teacher.model, val, cfg.DEVICE, 512)
+    print(f"budget: baseline val {percent(correct):.2f}%; a candidate is within MAX_ACC_DROP={cfg.MAX_ACC_DROP} "
           f"when the one-sided 95% bound of its paired drop on these {len(correct)} images is; "
-          f"OBJECTIVE={cfg['OBJECTIVE']}", flush=True)
+          f"OBJECTIVE={cfg.OBJECTIVE}", flush=True)
     return correct
 
 
@@ -218,44 +220,44 @@ def cached_teacher(teacher, train, cfg):
     """The teacher's logits on TEACHER_VIEWS fixed augmentations of every training image (utils.train
     .teacher_logits), stored in OUT_DIR/teacher_logits.pt and reused while the teacher and the views are the same.
     None when TEACHER_VIEWS is 0."""
-    if not cfg["TEACHER_VIEWS"]:
+    if not cfg.TEACHER_VIEWS:
         return None
-    key = {"teacher": teacher.fingerprint, "views": cfg["TEACHER_VIEWS"], "seed": cfg["SEED"], "n": len(train.x),
-           "flip": cfg["TEACHER_FLIP"]}
+    key = {"teacher": teacher.fingerprint, "views": cfg.TEACHER_VIEWS, "seed": cfg.SEED, "n": len(train.x),
+           "flip": cfg.TEACHER_FLIP}
 
     def compute():
         t0 = time.time()
-        views = fixed_views(len(train.x), cfg["TEACHER_VIEWS"], cfg["SEED"])
-        logits = teacher_logits(teacher.model, train, views, cfg["DEVICE"], channels_last=cfg["CHANNELS_LAST"],
-                                flip=cfg["TEACHER_FLIP"])
+        views = fixed_views(len(train.x), cfg.TEACHER_VIEWS, cfg.SEED)
+        logits = teacher_logits(teacher.model, train, views, cfg.DEVICE, channels_last=cfg.CHANNELS_LAST,
+                                flip=cfg.TEACHER_FLIP)
         print(f"teacher logits: {key['views']} fixed views of {len(train.x)} images in {time.time() - t0:.0f}s",
               flush=True)
         return {"logits": logits}
-    path = os.path.join(cfg["OUT_DIR"], "teacher_logits.pt")
+    path = os.path.join(cfg.OUT_DIR, "teacher_logits.pt")
     return cache_or_compute(path, key, compute, "teacher logits")["logits"]
 
 
 def student_path(cfg, name):
-    return os.path.join(cfg["OUT_DIR"], f"student_{arch_slug(name)}.pth")
+    return os.path.join(cfg.OUT_DIR, f"student_{arch_slug(name)}.pth")
 
 
 def new_student(name, teacher, cfg):
     """A freshly initialised student of architecture `name`, seeded by SEED: a student and its scratch control
     start from the same weights."""
-    torch.manual_seed(cfg["SEED"])
+    torch.manual_seed(cfg.SEED)
     return ResNet(**parse_arch(name), num_classes=len(teacher.classes))
 
 
 def distil(teacher, distiller, cfg):
     """Knowledge distillation into each of the STUDENTS (loss: KD_ALPHA*T^2*KL + (1-KD_ALPHA)*CE):
     {name: model}, each checkpointed as OUT_DIR/student_<name>.pth."""
-    students, names = {}, cfg["STUDENTS"].split(",")
+    students, names = {}, cfg.STUDENTS.split(",")
     for name in names:
         student = new_student(name, teacher, cfg)
         label = "student" if len(names) == 1 else f"student_{arch_slug(name)}"  # as the search names them
-        stage = Stage("student", label, student_path(cfg, name), cfg["DEVICE"], {"teacher": teacher.fingerprint},
+        stage = Stage("student", label, student_path(cfg, name), cfg.DEVICE, {"teacher": teacher.fingerprint},
                       distiller.meta)
-        students[name] = distiller.fit(stage, student, distiller.recipe(cfg["KD_LR"], cfg["KD_EPOCHS"]))
+        students[name] = distiller.fit(stage, student, distiller.recipe(cfg.KD_LR, cfg.KD_EPOCHS))
     return students
 
 
@@ -265,40 +267,40 @@ def scratch_control(student, teacher, distiller, search, cfg):
     baseline's LABEL_SMOOTHING, a fresh random augmentation every epoch, as the baseline trains), checkpointed as
     OUT_DIR/scratch.pth and measured as the candidates are (never one of them). Returns (its Candidate,
     seconds); (None, 0) when SCRATCH_CONTROL is off."""
-    if not cfg["SCRATCH_CONTROL"]:
+    if not cfg.SCRATCH_CONTROL:
         return None, 0.0
-    t0, arch, base = time.time(), student.entry["arch"], teacher.ckpt["config"]
+    t0, arch, base = time.time(), student.entry.arch, teacher.ckpt["config"]
     smoothing = base["LABEL_SMOOTHING"]
     split = {k: base.get(k, 0) for k in ("VAL_SIZE", "SEED", "TRAIN_SUBSET")}  # the images it trains on
-    stage = Stage("scratch", "scratch", os.path.join(cfg["OUT_DIR"], CONTROL["scratch"]), cfg["DEVICE"],
+    stage = Stage("scratch", "scratch", os.path.join(cfg.OUT_DIR, CONTROL["scratch"]), cfg.DEVICE,
                   {"arch": arch, "LABEL_SMOOTHING": smoothing, **split}, distiller.meta)
-    recipe = replace(distiller.recipe(cfg["KD_LR"], cfg["KD_EPOCHS"]), views=0)
+    recipe = replace(distiller.recipe(cfg.KD_LR, cfg.KD_EPOCHS), views=0)
     model = distiller.fit(stage, new_student(arch, teacher, cfg), recipe, cross_entropy_objective(smoothing))
     control = search.measure("scratch", model, kind="control", arch=arch)
-    print(f"scratch control: {arch} on the labels alone {control.entry['float_val_acc']:.2f}% val, the distilled "
-          f"student {student.entry['float_val_acc']:.2f}% ({time.time() - t0:.0f}s, not counted in the run's time)",
+    print(f"scratch control: {arch} on the labels alone {control.entry.float_val_acc:.2f}% val, the distilled "
+          f"student {student.entry.float_val_acc:.2f}% ({time.time() - t0:.0f}s, not counted in the run's time)",
           flush=True)
     return control, time.time() - t0
 
 
 def quantization(train, cfg):
     """INT8 settings, with CALIB_IMAGES training images (a fixed random choice) to calibrate on."""
-    pick = torch.randperm(len(train.x), generator=torch.Generator().manual_seed(cfg["SEED"]))[:cfg["CALIB_IMAGES"]]
+    pick = torch.randperm(len(train.x), generator=torch.Generator().manual_seed(cfg.SEED))[:cfg.CALIB_IMAGES]
     calib = train.x[pick.to(train.x.device)].cpu().float() / 255
-    return Quantization(calib, cfg["PER_CHANNEL"], cfg["CALIB_METHOD"])
+    return Quantization(calib, cfg.PER_CHANNEL, cfg.CALIB_METHOD)
 
 
 def sensitivities(student, val, quant, cfg):
     """The sensitivity analysis of the student on SENS_IMAGES validation images, reused when sensitivity.json was
     made from the same student and images; also written as sensitivity.md and .png."""
-    out = cfg["OUT_DIR"]
-    key = {"student": weights_fingerprint(clean_state_dict(student)), "SENS_IMAGES": cfg["SENS_IMAGES"],
-           "CALIB_IMAGES": cfg["CALIB_IMAGES"], "groups": list(group_widths(student)), "blocks_left_out": True}
+    out = cfg.OUT_DIR
+    key = {"student": weights_fingerprint(clean_state_dict(student)), "SENS_IMAGES": cfg.SENS_IMAGES,
+           "CALIB_IMAGES": cfg.CALIB_IMAGES, "groups": list(group_widths(student)), "blocks_left_out": True}
 
     def compute():
         t0 = time.time()
         float_onnx = export_onnx(student, os.path.join(out, "search", "student_fp32.onnx"))
-        sens = sensitivity_analysis(student, float_onnx, quant, val.head(cfg["SENS_IMAGES"]), cfg["DEVICE"])
+        sens = sensitivity_analysis(student, float_onnx, quant, val.head(cfg.SENS_IMAGES), cfg.DEVICE)
         atomic_write_text(os.path.join(out, "sensitivity.md"), sensitivity_table(sens))
         plot_sensitivity(sens, os.path.join(out, "sensitivity.png"))
         print(f"sensitivity: {out}/sensitivity.md, sensitivity.png ({time.time() - t0:.0f}s)", flush=True)
@@ -308,19 +310,19 @@ def sensitivities(student, val, quant, cfg):
 
 
 def search_context(val, base_correct, quant, teacher, cfg):
-    timing = Timing(cfg["LATENCY_THREADS"], cfg["LATENCY_RUNS"], max(cfg["LATENCY_RUNS"] // 10, 3), warmup=10)
-    ctx = SearchContext(val=val, base_correct=base_correct, max_drop=cfg["MAX_ACC_DROP"], quant=quant,
+    timing = Timing(cfg.LATENCY_THREADS, cfg.LATENCY_RUNS, max(cfg.LATENCY_RUNS // 10, 3), warmup=10)
+    ctx = SearchContext(val=val, base_correct=base_correct, max_drop=cfg.MAX_ACC_DROP, quant=quant,
                         timing=timing, x_latency=val.x[:64].float() / 255,
-                        work_dir=os.path.join(cfg["OUT_DIR"], "search"), device=cfg["DEVICE"])
+                        work_dir=os.path.join(cfg.OUT_DIR, "search"), device=cfg.DEVICE)
     ctx.reference = reference_point(teacher.model, teacher.path, percent(base_correct), ctx)
     return ctx
 
 
 def search_plan(cfg):
-    return SearchPlan(objective=cfg["OBJECTIVE"], struct_max=cfg["STRUCT_MAX"], struct_steps=cfg["STRUCT_STEPS"],
-                      struct_epochs=cfg["STRUCT_EPOCHS"], channel_multiple=cfg["CHANNEL_MULTIPLE"],
-                      sparsity=cfg["SPARSITY"], agp_steps=cfg["AGP_STEPS"], agp_epochs=cfg["AGP_EPOCHS"],
-                      final_epochs=cfg["FINAL_EPOCHS"], max_float_layers=cfg["MAX_FLOAT_LAYERS"])
+    return SearchPlan(objective=cfg.OBJECTIVE, struct_max=cfg.STRUCT_MAX, struct_steps=cfg.STRUCT_STEPS,
+                      struct_epochs=cfg.STRUCT_EPOCHS, channel_multiple=cfg.CHANNEL_MULTIPLE,
+                      sparsity=cfg.SPARSITY, agp_steps=cfg.AGP_STEPS, agp_epochs=cfg.AGP_EPOCHS,
+                      final_epochs=cfg.FINAL_EPOCHS, max_float_layers=cfg.MAX_FLOAT_LAYERS)
 
 
 def summary(counts, path, val_acc):
@@ -336,7 +338,7 @@ def print_change(stage, before, after):
 
 def artifact_meta(cfg, teacher, run_id):
     """What every final file records besides its content: the config, the classes, the teacher, the run's id."""
-    return {"config": cfg, "classes": teacher.classes, "teacher": teacher.path, "run_id": run_id}
+    return {"config": asdict(cfg), "classes": teacher.classes, "teacher": teacher.path, "run_id": run_id}
 
 
 def dynamic_quantization(chosen, teacher, ctx, meta):
@@ -354,45 +356,48 @@ def dynamic_quantization(chosen, teacher, ctx, meta):
 
 def report(result, cfg):
     print(f"search: {len(result.candidates)} candidates in {result.seconds:.0f}s; chosen {result.chosen.name} "
-          f"({'within' if result.budget_met else 'NOT within'} the budget, OBJECTIVE={cfg['OBJECTIVE']})", flush=True)
+          f"({'within' if result.budget_met else 'NOT within'} the budget, OBJECTIVE={cfg.OBJECTIVE})", flush=True)
     if not result.budget_met:
         print(f"warning: no candidate's paired 95% bound of its drop on validation was within MAX_ACC_DROP="
-              f"{cfg['MAX_ACC_DROP']}; {result.chosen.name} is the most accurate. Raise MAX_ACC_DROP or KD_EPOCHS.")
+              f"{cfg.MAX_ACC_DROP}; {result.chosen.name} is the most accurate. Raise MAX_ACC_DROP or KD_EPOCHS.")
 
 
 def write_artifacts(result, student, control, dynamic, teacher, ctx, cfg, seconds, meta):
-    """The picked student as student.pth, the chosen model as pruned.pth (float; rebuilds its pruned shape),
+    """The picked student as student.pth and its plain INT8 model as student_int8.onnx (what pruning is measured
+    against), the chosen model as pruned.pth (float; rebuilds its pruned shape),
     int8.onnx (what ships), int8.sparse (the same, stored compactly), dynamic_quant.pth (PyTorch's dynamic
     quantization of it, `dynamic` its measurements) and search.json: written into a staging folder, each with
     this run's id (meta, artifact_meta), and moved into OUT_DIR together once all are written."""
-    out, chosen, run_id = cfg["OUT_DIR"], result.chosen, meta["run_id"]
+    out, chosen, run_id = cfg.OUT_DIR, result.chosen, meta["run_id"]
     paths = {stage: os.path.join(out, ARTIFACTS[stage]) for stage in ("student", "pruned", "int8", "int8_sparse")}
     with ArtifactSet(out) as staged:
-        student_file = student_path(cfg, student.entry["arch"])
+        student_file = student_path(cfg, student.entry.arch)
         shutil.copyfile(student_file, staged.path(ARTIFACTS["student"]))
         write_checkpoint(staged.path(ARTIFACTS["pruned"]), {**meta, "stage": "pruned", "model": chosen.model.spec,
-                         "search": chosen.entry}, chosen.model,
-                         Progress(1, 1, [{"epoch": 1, "val_accuracy": chosen.entry["float_val_acc"]}]))
+                         "search": asdict(chosen.entry)}, chosen.model,
+                         Progress(1, 1, [{"epoch": 1, "val_accuracy": chosen.entry.float_val_acc}]))
+        for stage, made, source in (("student_int8", student, "student"), ("int8", chosen, "pruned")):
+            shutil.copyfile(made.entry.int8_onnx, staged.path(ARTIFACTS[stage]))
+            save_onnx_metadata(staged.path(ARTIFACTS[stage]),
+                               {**meta, "stage": stage, "input": "float32 (N, 3, 32, 32) RGB in [0, 1]",
+                                "source": paths[source], "float_layers": made.entry.float_layers})
         int8 = staged.path(ARTIFACTS["int8"])
-        shutil.copyfile(chosen.entry["int8_onnx"], int8)
-        save_onnx_metadata(int8, {**meta, "stage": "int8", "input": "float32 (N, 3, 32, 32) RGB in [0, 1]",
-                                  "source": paths["pruned"], "float_layers": chosen.entry["float_layers"]})
         save_sparse_onnx(int8, staged.path(ARTIFACTS["int8_sparse"]), run_id)
         shutil.copyfile(os.path.join(ctx.work_dir, ARTIFACTS["dynamic_quant"]),
                         staged.path(ARTIFACTS["dynamic_quant"]))
         write_json(staged.path("search.json"),
-            {"config": cfg, "run_id": run_id, "baseline_val_acc": ctx.reference["val_acc"], "floor": ctx.floor,
-             "objective": cfg["OBJECTIVE"], "reference": ctx.reference, "candidates": result.log(),
+            {"config": asdict(cfg), "run_id": run_id, "baseline_val_acc": ctx.reference["val_acc"], "floor": ctx.floor,
+             "objective": cfg.OBJECTIVE, "reference": ctx.reference, "candidates": result.log(),
              "chosen": chosen.name, "budget_met": result.budget_met, "dynamic_quant": dynamic, "seconds": seconds,
-             "student": student.entry["arch"], "max_acc_drop": cfg["MAX_ACC_DROP"],
-             "scratch": control and control.entry,
+             "student": student.entry.arch, "max_acc_drop": cfg.MAX_ACC_DROP,
+             "scratch": control and asdict(control.entry),
              "inputs": {ARTIFACTS["baseline"]: file_digest(teacher.path),
                         ARTIFACTS["student"]: file_digest(student_file),
                         **({CONTROL["scratch"]: file_digest(os.path.join(out, CONTROL["scratch"]))} if control
                            else {})}})
-    before = summary(count_params(student.model), paths["student"], student.entry["float_val_acc"])
-    after = summary(count_params(chosen.model), paths["pruned"], chosen.entry["float_val_acc"])
-    int8_stats = summary(onnx_param_counts(paths["int8"]), paths["int8"], chosen.entry["val_acc"])
+    before = summary(count_params(student.model), paths["student"], student.entry.float_val_acc)
+    after = summary(count_params(chosen.model), paths["pruned"], chosen.entry.float_val_acc)
+    int8_stats = summary(onnx_param_counts(paths["int8"]), paths["int8"], chosen.entry.val_acc)
     print_change("prune", before, after)
     print_change("int8", after, int8_stats)
     print_change("store", int8_stats, {**int8_stats, "mib": os.path.getsize(paths["int8_sparse"]) / 2**20})
@@ -403,16 +408,17 @@ def write_artifacts(result, student, control, dynamic, teacher, ctx, cfg, second
 
 
 def main(argv):
-    cfg = configure("compress_model", globals(), argv, check_config, _PROFILES, pick_device)
-    torch.manual_seed(cfg["SEED"])
-    with out_dir_lock(cfg["OUT_DIR"], "compress_model.py"):
+    cfg = configure(Config, "compress_model", argv, check_config, PROFILES, pick_device)
+    torch.manual_seed(cfg.SEED)
+    with out_dir_lock(cfg.OUT_DIR, "compress_model.py"):
         t_start = time.time()
         teacher = Teacher(cfg)
         train, val = load_splits(cfg, teacher)
         base_correct = baseline_on_val(teacher, val, cfg)
-        kd = distillation_objective(teacher.model, cfg["KD_TEMPERATURE"], cfg["KD_ALPHA"],
-                                    cached_teacher(teacher, train, cfg), cfg["TEACHER_FLIP"])
-        distiller = Distiller(kd, train, val, cfg, {"config": cfg, "classes": teacher.classes, "teacher": teacher.path})
+        kd = distillation_objective(teacher.model, cfg.KD_TEMPERATURE, cfg.KD_ALPHA,
+                                    cached_teacher(teacher, train, cfg), cfg.TEACHER_FLIP)
+        distiller = Distiller(kd, train, val, cfg,
+                              {"config": asdict(cfg), "classes": teacher.classes, "teacher": teacher.path})
         students = distil(teacher, distiller, cfg)
         t_search = time.time()
         quant = quantization(train, cfg)

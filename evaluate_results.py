@@ -13,12 +13,13 @@ and checked: all readable, and the files of compress_model.py from one run (the 
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 
 import onnx
+import torch
 
 from utils.checkpoint import ARTIFACTS, CONTROL, MADE_BY, load_checkpoint, load_model, count_params, versions
-from utils.config import UserError, check_range, configure, run_cli
+from utils.config import UserError, check_range, config_type, configure, run_cli
 from utils.data import load_dataset
 from utils.device import pick_device
 from utils.files import atomic_write_text, file_digest, out_dir_lock, write_json
@@ -41,9 +42,11 @@ RUNS_B64 = 30                # timed runs at batch 64
 WARMUP = 20                  # untimed runs before timing
 EVAL_BATCH = 500             # batch size of the accuracy pass
 # -----------------------------------------------------------------------------------------------
+Config = config_type("Config", globals())  # the constants above as a frozen dataclass: cfg.NAME
 FLOAT_STAGES = ("baseline", "scratch", "student", "pruned")
-INT8_STAGES = ("int8", "int8_sparse")
-RUN_FILES = ("pruned", "int8", "int8_sparse", "dynamic_quant", "search")  # written together by compress_model.py
+INT8_STAGES = ("student_int8", "int8", "int8_sparse")
+RUN_FILES = ("student_int8", "pruned", "int8", "int8_sparse", "dynamic_quant", "search")  # written together by
+                                                                                          # compress_model.py
 
 
 def check_config(cfg):
@@ -95,7 +98,7 @@ def read_search(out):
             search = json.load(f)
     except ValueError as e:
         raise UserError(f"{path} is unreadable (corrupt or truncated?): {type(e).__name__}; rerun compress_model.py")
-    needed = {"candidates", "chosen", "floor", "objective", "reference", "dynamic_quant", "baseline_val_acc"}
+    needed = {"candidates", "chosen", "floor", "objective", "reference", "dynamic_quant", "baseline_val_acc", "student"}
     if not isinstance(search, dict) or not needed <= set(search):
         raise UserError(f"{path} lacks what evaluate_results.py reads (an older or foreign file?); rerun "
                         f"compress_model.py")
@@ -122,7 +125,7 @@ def check_one_run(artifacts, search, out):
 def load_artifacts(cfg):
     """Every stage's artifact read back from disk and checked, before any slow work; the scratch control after
     the baseline when the search made one."""
-    out = cfg["OUT_DIR"]
+    out = cfg.OUT_DIR
     artifacts = {stage: read_artifact(stage, os.path.join(out, name)) for stage, name in ARTIFACTS.items()}
     search = read_search(out)
     check_one_run(artifacts, search, out)
@@ -132,18 +135,49 @@ def load_artifacts(cfg):
     return artifacts, search
 
 
+@dataclass(frozen=True)
+class Measured:
+    """What measuring one artifact on the test split gives, before it is compared with the others."""
+    stage: str
+    artifact: str
+    runtime: str
+    correct: torch.Tensor        # per test image (bool); not stored
+    params: int                  # None for the dynamic-quantization model (its weights are packed)
+    nonzero_params: int
+    latency: dict                # {runtime: {"b1_ms", "b64_ms"}}: "onnxruntime" and/or "pytorch"
+    onnx_accuracy: float = None  # float models: test accuracy (%) of their ONNX export
+    onnx_artifact: str = None    # ... and where that export is
+
+
+@dataclass(frozen=True)
+class Row(Measured):
+    """One row of results.json's "rows" and of results.md's table: a measured artifact against the baseline (the
+    first row) on the same runtime, and against the scratch control when there is one."""
+    accuracy: float = None               # test accuracy (%) and its Wilson 95% interval
+    accuracy_ci95: tuple = None
+    accuracy_drop: float = None          # the baseline's accuracy - this one's (points), with the paired 95% interval
+    accuracy_drop_ci95: tuple = None
+    size_bytes: int = None               # the artifact's bytes on disk, and gzipped
+    gzip_bytes: int = None
+    size_ratio: float = None             # the baseline's bytes / size_bytes
+    latency_b1_ms: float = None          # on this row's runtime (ONNX Runtime where it runs there)
+    latency_b64_ms: float = None
+    speedup_b1: float = None             # the baseline's latency on the same runtime / this one's
+    speedup_b64: float = None
+    gain_over_scratch: float = None      # this one's accuracy - the control's (points), with the paired interval
+    gain_over_scratch_ci95: tuple = None
+
+
 def measure_float(art, test, cfg, timing):
     """A .pth float model: accuracy (on DEVICE) and latency in eager PyTorch, and again as its ONNX export in
     ONNX Runtime."""
-    onnx_path = export_onnx(art.model, os.path.join(cfg["OUT_DIR"], "onnx", f"{art.stage}_fp32.onnx"))
+    onnx_path = export_onnx(art.model, os.path.join(cfg.OUT_DIR, "onnx", f"{art.stage}_fp32.onnx"))
     params, nonzero = count_params(art.model)
     x = test.x[:64].float() / 255
-    return {"stage": art.stage, "artifact": art.path, "runtime": "onnxruntime (fp32 export)",
-            "correct": model_correct(art.model.to(cfg["DEVICE"]), test, cfg["DEVICE"], cfg["EVAL_BATCH"]),
-            "onnx_accuracy": percent(ort_correct(onnx_path, test, cfg["EVAL_BATCH"])),
-            "params": params, "nonzero_params": nonzero, "onnx_artifact": onnx_path,
-            "latency": {"onnxruntime": ort_latency(onnx_path, x, timing),
-                        "pytorch": eager_latency(art.model, x, timing)}}
+    return Measured(art.stage, art.path, "onnxruntime (fp32 export)",
+                    model_correct(art.model.to(cfg.DEVICE), test, cfg.DEVICE, cfg.EVAL_BATCH), params, nonzero,
+                    {"onnxruntime": ort_latency(onnx_path, x, timing), "pytorch": eager_latency(art.model, x, timing)},
+                    onnx_accuracy=percent(ort_correct(onnx_path, test, cfg.EVAL_BATCH)), onnx_artifact=onnx_path)
 
 
 def measure_int8(art, test, cfg, timing):
@@ -152,64 +186,77 @@ def measure_int8(art, test, cfg, timing):
     serialized = art.model.SerializeToString()
     params, nonzero = onnx_param_counts(art.model)
     runtime = "onnxruntime (int8, archive)" if art.stage == "int8_sparse" else "onnxruntime (int8)"
-    return {"stage": art.stage, "artifact": art.path, "runtime": runtime,
-            "correct": ort_correct(serialized, test, cfg["EVAL_BATCH"]), "params": params,
-            "nonzero_params": nonzero, "latency": {"onnxruntime": ort_latency(serialized, test.x[:64].float() / 255,
-                                                                              timing)}}
+    return Measured(art.stage, art.path, runtime, ort_correct(serialized, test, cfg.EVAL_BATCH), params, nonzero,
+                    {"onnxruntime": ort_latency(serialized, test.x[:64].float() / 255, timing)})
 
 
 def measure_dynamic_quant(art, test, cfg, timing):
-    return {"stage": "dynamic_quant", "artifact": art.path, "runtime": "pytorch (eager)",
-            "correct": model_correct(art.model, test, "cpu", cfg["EVAL_BATCH"]),
-            "params": None, "nonzero_params": None,
-            "latency": {"pytorch": eager_latency(art.model, test.x[:64].float() / 255, timing)}}
+    return Measured("dynamic_quant", art.path, "pytorch (eager)", model_correct(art.model, test, "cpu", cfg.EVAL_BATCH),
+                    None, None, {"pytorch": eager_latency(art.model, test.x[:64].float() / 255, timing)})
 
 
 def measure_all(artifacts, test, cfg, timing):
-    rows = []
+    measured = []
     for stage, art in artifacts.items():
         measure = (measure_float if stage in FLOAT_STAGES else measure_int8 if stage in INT8_STAGES
                    else measure_dynamic_quant)
-        rows.append(measure(art, test, cfg, timing))
-        print(f"measured {stage}: test accuracy {percent(rows[-1]['correct']):.2f}%", flush=True)
-    add_comparisons(rows)
+        measured.append(measure(art, test, cfg, timing))
+        print(f"measured {stage}: test accuracy {percent(measured[-1].correct):.2f}%", flush=True)
+    return compare(measured)
+
+
+def compare(measured):
+    """Rows: accuracy with its 95% interval, the drop against the baseline (the first) with its paired 95%
+    interval (the same test images), bytes on disk, gzip bytes, and ratios against the baseline on the same
+    runtime; with the scratch control among them, each one's gain over it, paired too."""
+    base = measured[0]
+    control = next((m for m in measured if m.stage == "scratch"), None)
+    base_bytes = os.path.getsize(base.artifact)
+    rows = []
+    for m in measured:
+        runtime = "onnxruntime" if "onnxruntime" in m.latency else "pytorch"
+        size, latency, base_latency = os.path.getsize(m.artifact), m.latency[runtime], base.latency[runtime]
+        gain = {} if control is None else {
+            "gain_over_scratch": percent(m.correct) - percent(control.correct),
+            "gain_over_scratch_ci95": paired_drop_interval(m.correct, control.correct)}
+        rows.append(Row(**{f.name: getattr(m, f.name) for f in fields(Measured)}, accuracy=percent(m.correct),
+                        accuracy_ci95=accuracy_interval(m.correct),
+                        accuracy_drop=percent(base.correct) - percent(m.correct),
+                        accuracy_drop_ci95=paired_drop_interval(base.correct, m.correct), size_bytes=size,
+                        gzip_bytes=gzip_size(m.artifact), size_ratio=base_bytes / size,
+                        latency_b1_ms=latency["b1_ms"], latency_b64_ms=latency["b64_ms"],
+                        speedup_b1=base_latency["b1_ms"] / latency["b1_ms"],
+                        speedup_b64=base_latency["b64_ms"] / latency["b64_ms"], **gain))
     return rows
 
 
-def add_comparisons(rows):
-    """Accuracy with its 95% interval, the drop against the baseline with its paired 95% interval (the same
-    test images), bytes on disk, gzip bytes, and ratios against the baseline on the same runtime."""
-    correct = [row.pop("correct") for row in rows]  # per image; not stored
-    base = rows[0]  # filled in first, so every later row can compare with it
-    for row, hits in zip(rows, correct):
-        row["accuracy"], row["accuracy_ci95"] = percent(hits), accuracy_interval(hits)
-        row["accuracy_drop_ci95"] = paired_drop_interval(correct[0], hits)
-        row["size_bytes"] = os.path.getsize(row["artifact"])
-        row["gzip_bytes"] = gzip_size(row["artifact"])
-        runtime = "onnxruntime" if "onnxruntime" in row["latency"] else "pytorch"
-        row["latency_b1_ms"] = row["latency"][runtime]["b1_ms"]
-        row["latency_b64_ms"] = row["latency"][runtime]["b64_ms"]
-        row["size_ratio"] = base["size_bytes"] / row["size_bytes"]
-        row["speedup_b1"] = base["latency"][runtime]["b1_ms"] / row["latency_b1_ms"]
-        row["speedup_b64"] = base["latency"][runtime]["b64_ms"] / row["latency_b64_ms"]
-        row["accuracy_drop"] = base["accuracy"] - row["accuracy"]
-    stages = [row["stage"] for row in rows]
-    if "scratch" in stages:  # what distillation bought: each row's gain over the control, paired on the same images
-        control = correct[stages.index("scratch")]
-        for row, hits in zip(rows, correct):
-            row["gain_over_scratch"] = percent(hits) - percent(control)
-            row["gain_over_scratch_ci95"] = paired_drop_interval(hits, control)
+def stored(row):
+    """A Row as results.json holds it: every field but the per-image correctness."""
+    return {k: v for k, v in asdict(row).items() if k != "correct"}
 
 
 def control_summary(rows):
     """Lines saying what distillation bought: the distilled student and the shipped INT8 model against the scratch
     control, with paired 95% intervals; none without the control."""
-    by_stage = {row["stage"]: row for row in rows}
+    by_stage = {row.stage: row for row in rows}
     if "scratch" not in by_stage:
         return []
     return [f"{stage} against the scratch control (same architecture and epochs, no teacher): "
-            f"{by_stage[stage]['gain_over_scratch']:+.2f} points on test (paired 95% "
-            "{:+.2f} to {:+.2f})".format(*by_stage[stage]["gain_over_scratch_ci95"]) for stage in ("student", "int8")]
+            f"{by_stage[stage].gain_over_scratch:+.2f} points on test (paired 95% "
+            "{:+.2f} to {:+.2f})".format(*by_stage[stage].gain_over_scratch_ci95) for stage in ("student", "int8")]
+
+
+def against_student(rows, search):
+    """What pruning bought: the shipped INT8 model against the unpruned student's INT8 model (student_int8.onnx),
+    both timed here in ONNX Runtime: speed-ups at batch 1 and 64, and the student's MACs over the shipped model's
+    (search.json)."""
+    by_stage = {row.stage: row for row in rows}
+    student, shipped = by_stage["student_int8"], by_stage["int8"]
+    first = next(c for c in search["candidates"] if c["kind"] == "student" and c["arch"] == search["student"])
+    chosen = next(c for c in search["candidates"] if c["name"] == search["chosen"])
+    return {"speedup_b1": student.latency_b1_ms / shipped.latency_b1_ms,
+            "speedup_b64": student.latency_b64_ms / shipped.latency_b64_ms,
+            "mac_ratio": first["macs"] / chosen["macs"]}
 
 
 def choice_summary(search):
@@ -222,7 +269,7 @@ def choice_summary(search):
 
 def draw(search, cfg):
     """pareto.png (the search's candidates against size and speed) and training.png (metrics.jsonl)."""
-    out = cfg["OUT_DIR"]
+    out = cfg.OUT_DIR
     plot_pareto(search, os.path.join(out, "pareto.png"))
     drew = plot_training(os.path.join(out, METRICS_FILE), os.path.join(out, "training.png"))
     print(f"search: {choice_summary(search)}; Pareto fronts in "
@@ -230,32 +277,36 @@ def draw(search, cfg):
 
 
 def write_results(rows, search, test, cfg, timing):
-    lines = control_summary(rows)
-    table = results_table(rows) + ("\n\n" + "\n".join(lines) if lines else "")
+    pruning = against_student(rows, search)
+    lines = control_summary(rows) + [
+        "int8 against the student's INT8 (student_int8.onnx, same runtime): {speedup_b1:.2f}x faster at batch 1, "
+        "{speedup_b64:.2f}x at batch 64, {mac_ratio:.2f}x fewer MACs".format(**pruning)]
+    table = results_table([stored(row) for row in rows]) + "\n\n" + "\n".join(lines)
     print(table)
     machine = {**machine_info(), "threads": timing.threads, **versions()}
     header = (f"Machine: {machine['cpu']}, {timing.threads} threads; torch {machine['torch']}, "
               f"onnxruntime {machine['onnxruntime']}. Test split: {len(test.x)} images. Run {search['run_id']}.\n\n")
     keys = ("run_id", "chosen", "student", "objective", "max_acc_drop", "floor", "baseline_val_acc", "budget_met",
             "seconds")
-    atomic_write_text(os.path.join(cfg["OUT_DIR"], "results.md"), header + table + "\n")
-    write_json(os.path.join(cfg["OUT_DIR"], "results.json"),
-        {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "config": cfg, "machine": machine,
-         "test_images": len(test.x), "search": {k: search.get(k) for k in keys}, "rows": rows}, indent=2)
+    atomic_write_text(os.path.join(cfg.OUT_DIR, "results.md"), header + table + "\n")
+    write_json(os.path.join(cfg.OUT_DIR, "results.json"),
+        {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "config": asdict(cfg), "machine": machine,
+         "test_images": len(test.x), "search": {k: search.get(k) for k in keys}, "against_student": pruning,
+         "rows": [stored(row) for row in rows]}, indent=2)
 
 
 def main(argv):
-    cfg = configure("evaluate_results", globals(), argv, check_config, {}, pick_device)
-    timing = Timing(cfg["THREADS"] or os.cpu_count(), cfg["RUNS_B1"], cfg["RUNS_B64"], cfg["WARMUP"])
+    cfg = configure(Config, "evaluate_results", argv, check_config, {}, pick_device)
+    timing = Timing(cfg.THREADS or os.cpu_count(), cfg.RUNS_B1, cfg.RUNS_B64, cfg.WARMUP)
     print(f"threads: {timing.threads} for timing (PyTorch and ONNX Runtime), every core for accuracy")
-    with out_dir_lock(cfg["OUT_DIR"], "evaluate_results.py"):
+    with out_dir_lock(cfg.OUT_DIR, "evaluate_results.py"):
         artifacts, search = load_artifacts(cfg)
-        test = load_dataset(cfg["DATA_DIR"], cfg["DOWNLOAD"], cfg["OUT_DIR"])["test"]
+        test = load_dataset(cfg.DATA_DIR, cfg.DOWNLOAD, cfg.OUT_DIR)["test"]
         t0 = time.time()
         rows = measure_all(artifacts, test, cfg, timing)
         draw(search, cfg)
         write_results(rows, search, test, cfg, timing)
-        print(f"wrote {cfg['OUT_DIR']}/results.json and results.md ({time.time() - t0:.0f}s of measuring)")
+        print(f"wrote {cfg.OUT_DIR}/results.json and results.md ({time.time() - t0:.0f}s of measuring)")
 
 
 if __name__ == "__main__":

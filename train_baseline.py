@@ -6,11 +6,12 @@ Rerunning after an interruption resumes from the last finished epoch.
 """
 import os
 import time
+from dataclasses import asdict
 
 import torch
 
 from utils.checkpoint import ARTIFACTS, versions
-from utils.config import UserError, check_choice, check_range, configure, run_cli
+from utils.config import UserError, check_choice, check_range, config_type, configure, run_cli
 from utils.data import load_dataset, train_val_split
 from utils.device import check_amp_dtype, pick_device
 from utils.files import out_dir_lock
@@ -22,7 +23,7 @@ from utils.train import Stage, cross_entropy_objective, fit, placed_for_training
 DATA_DIR = "data"            # CIFAR-10 (torchvision layout) or an ImageFolder root with train/ and test/; env DATA_DIR too
 DOWNLOAD = True              # download CIFAR-10 into DATA_DIR when no data is there (needs internet)
 OUT_DIR = "runs"             # checkpoints, artifacts, results and the decoded-image cache
-PROFILE = "auto"             # auto | cpu | gpu: defaults below for the CPU, replaced by _PROFILES["gpu"] on CUDA
+PROFILE = "auto"             # auto | cpu | gpu: defaults below for the CPU, replaced by PROFILES["gpu"] on CUDA
 DEVICE = "auto"              # auto | cpu | cuda
 ARCH = "resnet18_s2"         # resnet18_s2 (3x3 stride-2 stem: 16x16 maps) | resnet18_pool (3x3 stride-1 conv +
                              # 2x2 max-pool: 16x16 maps) | resnet18_cifar (stride 1: 32x32 maps, 4x the MACs) |
@@ -42,8 +43,9 @@ CHANNELS_LAST = True         # channels-last memory format (faster convolutions 
 AMP_DTYPE = "float32"        # float32 | bfloat16: autocast dtype of training (bf16 is slow on most CPUs)
 SEED = 0                     # seed of the validation split, initialisation and batch order
 # -----------------------------------------------------------------------------------------------
-_PROFILES = {"cpu": {}, "gpu": {"ARCH": "resnet18_cifar", "EPOCHS": 40, "BATCH_SIZE": 512, "LR": 0.4,
+PROFILES = {"cpu": {}, "gpu": {"ARCH": "resnet18_cifar", "EPOCHS": 40, "BATCH_SIZE": 512, "LR": 0.4,
                                "AMP_DTYPE": "bfloat16"}}
+Config = config_type("Config", globals())  # the constants above as a frozen dataclass: cfg.NAME
 
 
 def check_config(cfg):
@@ -62,44 +64,45 @@ def check_config(cfg):
 
 def load_splits(cfg):
     """Images decoded once into uint8 tensors; a validation split held out of train; both on the device."""
-    data = load_dataset(cfg["DATA_DIR"], cfg["DOWNLOAD"], cfg["OUT_DIR"])
-    train, val = train_val_split(data["train"], cfg["VAL_SIZE"], cfg["SEED"], cfg["TRAIN_SUBSET"])
+    data = load_dataset(cfg.DATA_DIR, cfg.DOWNLOAD, cfg.OUT_DIR)
+    train, val = train_val_split(data["train"], cfg.VAL_SIZE, cfg.SEED, cfg.TRAIN_SUBSET)
     print(f"data: {len(train.x)} train, {len(val.x)} validation, {len(data['test'].x)} test images, "
           f"{len(train.classes)} classes")
-    if len(train.x) < cfg["BATCH_SIZE"]:
-        raise UserError(f"BATCH_SIZE={cfg['BATCH_SIZE']} is larger than the {len(train.x)} training images")
-    return train.to(cfg["DEVICE"]), val.to(cfg["DEVICE"])
+    if len(train.x) < cfg.BATCH_SIZE:
+        raise UserError(f"BATCH_SIZE={cfg.BATCH_SIZE} is larger than the {len(train.x)} training images")
+    return train.to(cfg.DEVICE), val.to(cfg.DEVICE)
 
 
 def build(cfg, train):
     """The model and its recipe: SGD + Nesterov, one-cycle learning rate, label smoothing, weight decay on the
     weights only, each residual block starting as the identity (utils.models.zero_init_residual), with
     WHITEN_STEM the stem whitening the first WHITEN_IMAGES training images' patches (utils.models.whiten_stem)."""
-    model = zero_init_residual(ResNet(**ARCHS[cfg["ARCH"]], num_classes=len(train.classes)))
-    if cfg["WHITEN_STEM"]:
-        whiten_stem(model, train.x[:cfg["WHITEN_IMAGES"]].cpu())
-    model = placed_for_training(model, cfg["DEVICE"], cfg["CHANNELS_LAST"])
-    print(f"model: {cfg['ARCH']}, {sum(p.numel() for p in model.parameters()):,} parameters, on {cfg['DEVICE']}")
-    return model, recipe_from(cfg, cfg["LR"], cfg["EPOCHS"])
+    model = zero_init_residual(ResNet(**ARCHS[cfg.ARCH], num_classes=len(train.classes)))
+    if cfg.WHITEN_STEM:
+        whiten_stem(model, train.x[:cfg.WHITEN_IMAGES].cpu())
+    model = placed_for_training(model, cfg.DEVICE, cfg.CHANNELS_LAST)
+    print(f"model: {cfg.ARCH}, {sum(p.numel() for p in model.parameters()):,} parameters, on {cfg.DEVICE}")
+    return model, recipe_from(cfg, cfg.LR, cfg.EPOCHS)
 
 
 def main(argv):
     # Constants: defaults < device profile < environment < flags; printed, and stored in the checkpoint
-    cfg = configure("train_baseline", globals(), argv, check_config, _PROFILES, pick_device)
-    torch.manual_seed(cfg["SEED"])
-    with out_dir_lock(cfg["OUT_DIR"], "train_baseline.py"):
+    cfg = configure(Config, "train_baseline", argv, check_config, PROFILES, pick_device)
+    torch.manual_seed(cfg.SEED)
+    with out_dir_lock(cfg.OUT_DIR, "train_baseline.py"):
         train, val = load_splits(cfg)
         model, recipe = build(cfg, train)
         # Train (resumes an unfinished OUT_DIR/baseline.pth), checkpointing every epoch
-        path = os.path.join(cfg["OUT_DIR"], ARTIFACTS["baseline"])
-        made_from = {k: cfg[k] for k in ("ARCH", "LABEL_SMOOTHING", "VAL_SIZE", "TRAIN_SUBSET")}
-        if cfg["WHITEN_STEM"]:  # only then, so that checkpoints made before the option still resume
-            made_from.update({k: cfg[k] for k in ("WHITEN_STEM", "WHITEN_IMAGES")})
-        stage = Stage("baseline", "baseline", path, cfg["DEVICE"], made_from, {"classes": train.classes, "config": cfg})
+        path = os.path.join(cfg.OUT_DIR, ARTIFACTS["baseline"])
+        made_from = {k: getattr(cfg, k) for k in ("ARCH", "LABEL_SMOOTHING", "VAL_SIZE", "TRAIN_SUBSET")}
+        if cfg.WHITEN_STEM:  # only then, so that checkpoints made before the option still resume
+            made_from.update({k: getattr(cfg, k) for k in ("WHITEN_STEM", "WHITEN_IMAGES")})
+        stage = Stage("baseline", "baseline", path, cfg.DEVICE, made_from,
+                      {"classes": train.classes, "config": asdict(cfg)})
         t0 = time.time()
-        progress = fit(model, cross_entropy_objective(cfg["LABEL_SMOOTHING"]), recipe, train, val, stage)
+        progress = fit(model, cross_entropy_objective(cfg.LABEL_SMOOTHING), recipe, train, val, stage)
         # Summary: validation accuracy of the final weights in float32 (the test split is evaluate_results.py's)
-        val_acc = model_accuracy(model, val, cfg["DEVICE"], 512)
+        val_acc = model_accuracy(model, val, cfg.DEVICE, 512)
         print(f"baseline: val_acc {val_acc:.2f}% after {progress.epoch} epochs ({time.time() - t0:.0f}s this run), "
               f"saved {path} ({os.path.getsize(path) / 2**20:.1f} MiB); torch {versions()['torch']}")
         print("next: python compress_model.py")

@@ -136,3 +136,19 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+def log_entry(**fields):
+    """A search log entry (utils.search.Entry) with the given fields and None for every other required one: what
+    the budget logic and the walks read, without measuring a model."""
+    from dataclasses import MISSING, fields as entry_fields
+    from utils.search import Entry
+    return Entry(**{**{f.name: None for f in entry_fields(Entry) if f.default is MISSING}, **fields})
+
+
+def reloaded(model, tmp_path):
+    """`model` written as a pruned.pth checkpoint and loaded back (torch.load with weights_only=True)."""
+    from utils.checkpoint import Progress, load_checkpoint, load_model, write_checkpoint
+    path = str(tmp_path / "pruned.pth")
+    write_checkpoint(path, {"stage": "pruned", "model": model.spec}, model, Progress(1, 1))
+    return load_model(load_checkpoint(path, "pruned"), path)

@@ -8,8 +8,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from conftest import tiny_data, tiny_model
-from utils.checkpoint import Progress, load_checkpoint, load_model, write_checkpoint
+from conftest import log_entry, reloaded, tiny_data, tiny_model
 from utils.quantize import Quantization, export_onnx, quantize_int8
 from utils.models import ARCHS, STEMS, ResNet, count_macs
 from utils.data import Split
@@ -32,10 +31,7 @@ def test_structured_pruning_shrinks_layers_and_the_checkpoint_rebuilds_the_new_s
     assert sum(p.numel() for p in pruned.parameters()) < 0.5 * sum(p.numel() for p in model.parameters())
     x = torch.rand(4, 3, 32, 32)
     assert pruned(x).shape == (4, 4)
-    path = str(tmp_path / "pruned.pth")
-    write_checkpoint(path, {"stage": "pruned", "model": pruned.spec}, pruned, Progress(1, 1))
-    loaded = load_model(load_checkpoint(path, "pruned"), path)
-    assert torch.equal(loaded(x), pruned(x))
+    assert torch.equal(reloaded(pruned, tmp_path)(x), pruned(x))
 
 
 def test_keeping_every_channel_of_every_group_changes_nothing():
@@ -97,9 +93,7 @@ def test_stream_pruning_drops_the_channel_that_carries_nothing():
 def test_a_stream_pruned_model_rebuilds_exports_quantizes_and_round_trips(tmp_path):
     model = tiny_model().eval()
     pruned = structured_prune(model, {"layer1": 4, "layer3": 16, "layer4": 32, "layer2.0": 8})
-    path = str(tmp_path / "pruned.pth")
-    write_checkpoint(path, {"stage": "pruned", "model": pruned.spec}, pruned, Progress(1, 1))
-    loaded = load_model(load_checkpoint(path, "pruned"), path)  # torch.load with weights_only=True
+    loaded = reloaded(pruned, tmp_path)
     x = torch.rand(4, 3, 32, 32)
     assert loaded.spec == pruned.spec and torch.equal(loaded(x), pruned(x))
     float_onnx = export_onnx(loaded, str(tmp_path / "f.onnx"))
@@ -126,9 +120,7 @@ def test_a_model_with_a_block_left_out_rebuilds_bit_for_bit_and_keeps_the_other_
     model = tiny_model().eval()
     pruned = structured_prune(model, {"layer1.1": 0, "layer3": 16})
     assert list(blocks(pruned)) == ["layer1.0", "layer2.0", "layer2.1", "layer3.0", "layer3.1", "layer4.0", "layer4.1"]
-    path = str(tmp_path / "pruned.pth")
-    write_checkpoint(path, {"stage": "pruned", "model": pruned.spec}, pruned, Progress(1, 1))
-    loaded = load_model(load_checkpoint(path, "pruned"), path)  # torch.load with weights_only=True
+    loaded = reloaded(pruned, tmp_path)
     x = torch.rand(4, 3, 32, 32)
     assert torch.equal(loaded(x), pruned(x))
 
@@ -210,9 +202,9 @@ def test_agp_schedule_is_cubic_and_ends_at_the_target():
 
 
 def entry(name, acc, mib, mmacs, b1=1.0, b64=10.0, floor=80.0):
-    return {"name": name, "val_acc": acc, "within_budget": acc >= floor, "bytes": mib * 2**20, "macs": mmacs * 1e6,
-            "b1_ms": b1, "b64_ms": b64, "size_ratio": 40 / mib, "mac_ratio": 100 / mmacs, "speedup_b1": 1.0 / b1,
-            "speedup_b64": 10.0 / b64}
+    return log_entry(name=name, val_acc=acc, within_budget=acc >= floor, bytes=mib * 2**20, macs=mmacs * 1e6,
+                     b1_ms=b1, b64_ms=b64, size_ratio=40 / mib, mac_ratio=100 / mmacs, speedup_b1=1.0 / b1,
+                     speedup_b64=10.0 / b64)
 
 
 def test_budget_logic_chooses_the_best_within_the_floor():
@@ -284,14 +276,14 @@ def test_the_student_remeasured_with_the_int8_fallback_is_logged_only_when_it_di
         ctx, plan = SimpleNamespace(floor=80.0), SimpleNamespace(objective="size", final_epochs=0)
 
         def __init__(self):
-            self.candidates = [Candidate({"name": "student", "within_budget": False, "float_val_acc": 85.0,
-                                          "val_acc": 85.0, "arch": "resnet20", "kind": "student"}, None)]
+            self.candidates = [Candidate(log_entry(name="student", within_budget=False, float_val_acc=85.0,
+                                                   val_acc=85.0, arch="resnet20", kind="student"), None)]
 
         def add(self, name, model, int8_drops, **info):
             keep = list(fallback_keeps)
-            self.candidates.append(Candidate({"name": name, "float_layers": keep, "within_budget": bool(keep),
-                                              "val_acc": 85.5 if keep else 85.0, "bytes": 1, "macs": 1,
-                                              **info}, model))
+            self.candidates.append(Candidate(log_entry(name=name, float_layers=keep, within_budget=bool(keep),
+                                                       val_acc=85.5 if keep else 85.0, bytes=1, macs=1, **info),
+                                             model))
             return self.candidates[-1]
     searched = Searched()
     result = search.run_search(searched, searched.candidates[0], SimpleNamespace(int8={"fc": 1.0}, structured={},
@@ -304,7 +296,7 @@ def test_the_student_remeasured_with_the_int8_fallback_is_logged_only_when_it_di
 
 
 def test_a_candidate_fine_tuned_with_other_settings_gets_a_checkpoint_of_its_own(tmp_path, monkeypatch):
-    paths, parent = [], Candidate({"name": "student"}, tiny_model())
+    paths, parent = [], Candidate(log_entry(name="student"), tiny_model())
 
     def finetune(label, path, model, epochs, made_from):
         paths.append(path)

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tracemalloc
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -268,7 +269,7 @@ def test_a_sparse_archive_with_bad_content_is_one_line(pipeline, imagefolder, tm
 
 
 def test_a_truncated_sensitivity_json_is_measured_again(tmp_path, capsys):
-    cfg = {"OUT_DIR": str(tmp_path), "SENS_IMAGES": 16, "CALIB_IMAGES": 16, "DEVICE": "cpu"}
+    cfg = SimpleNamespace(OUT_DIR=str(tmp_path), SENS_IMAGES=16, CALIB_IMAGES=16, DEVICE="cpu")
     val = Split(*tiny_data(16), ["a", "b", "c", "d"])
     quant = Quantization(tiny_data(16)[0].float() / 255)
     first = compress_model.sensitivities(tiny_model(), val, quant, cfg)

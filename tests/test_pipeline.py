@@ -15,7 +15,7 @@ from utils.measure import ort_predict, ort_session
 from utils.models import parse_arch
 from utils.search import score
 
-STAGES = ["baseline", "scratch", "student", "pruned", "int8", "int8_sparse", "dynamic_quant"]
+STAGES = ["baseline", "scratch", "student", "student_int8", "pruned", "int8", "int8_sparse", "dynamic_quant"]
 REQUIRED = ["stage", "artifact", "runtime", "accuracy", "size_bytes", "params", "nonzero_params", "latency_b1_ms",
             "latency_b64_ms"]
 
@@ -179,3 +179,14 @@ def test_results_say_what_distillation_bought_against_the_control(pipeline):
     lo, hi = rows["int8"]["gain_over_scratch_ci95"]
     assert lo <= gain <= hi
     assert "student against the scratch control" in open(os.path.join(pipeline, "results.md")).read()
+
+
+def test_results_compare_the_shipped_int8_model_with_the_students_int8_model(pipeline):
+    res, log = results(pipeline), search_log(pipeline)
+    rows = {r["stage"]: r for r in res["rows"]}
+    student = next(c for c in log["candidates"] if c["kind"] == "student")
+    chosen = next(c for c in log["candidates"] if c["name"] == log["chosen"])
+    assert res["against_student"] == {
+        "speedup_b1": pytest.approx(rows["student_int8"]["latency_b1_ms"] / rows["int8"]["latency_b1_ms"]),
+        "speedup_b64": pytest.approx(rows["student_int8"]["latency_b64_ms"] / rows["int8"]["latency_b64_ms"]),
+        "mac_ratio": pytest.approx(student["macs"] / chosen["macs"])}

@@ -1,5 +1,6 @@
 """Pieces checked one by one: the distillation loss, pruning through fine-tuning, checkpoints, flags.
 The compression pieces (structured rebuild, sparse storage, budget logic) are in test_compression.py."""
+import dataclasses
 import math
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 from utils.checkpoint import (Progress, clean_state_dict, load_checkpoint, load_model, weights_fingerprint,
                               write_checkpoint)
 from utils.prune import magnitude_masks, make_pruning_permanent, prunable_layers, weight_sparsity
-from utils.config import UserError, parse_flags
+from utils.config import UserError, config_type, file_constants, parse_flags
 from utils.data import Split, apply_augment, batches, fixed_views, remirrored
 from utils.measure import accuracy_interval, paired_drop_bound, paired_drop_interval
 from utils.models import ARCHS, ResNet, build_model, count_macs, parse_arch, whiten_stem
@@ -143,6 +144,32 @@ def test_config_layers_defaults_profile_environment_flags(monkeypatch):
     assert (gpu["EPOCHS"], gpu["ARCH"], gpu["PROFILE"]) == (5, "b", "gpu")
     flagged = resolve_config(defaults, ["--DATA_DIR=/flag"], profiles, lambda d: "cpu")
     assert flagged["DATA_DIR"] == "/flag"
+
+
+SCRIPT = """import os
+from utils.train import METRICS_FILE
+# ---
+EPOCHS = 3        # passes
+LR = 0.1
+NAME = "x"
+# ---
+HELPER_FILE = "progress.json"
+"""
+
+
+def test_only_the_constants_block_makes_flags(tmp_path):
+    (tmp_path / "script.py").write_text(SCRIPT)
+    assert file_constants(str(tmp_path / "script.py")) == {"EPOCHS": 3, "LR": 0.1, "NAME": "x"}
+
+
+def test_a_script_configuration_is_a_frozen_typed_dataclass(tmp_path):
+    (tmp_path / "script.py").write_text(SCRIPT)
+    config = config_type("Config", {"__file__": str(tmp_path / "script.py"), "EPOCHS": 3, "LR": 0.1, "NAME": "x"})
+    cfg = config(EPOCHS=5)
+    assert (cfg.EPOCHS, cfg.LR, cfg.NAME) == (5, 0.1, "x")
+    assert [(f.name, f.type) for f in dataclasses.fields(config)] == [("EPOCHS", int), ("LR", float), ("NAME", str)]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.EPOCHS = 1
 
 
 def test_accuracy_interval_is_the_wilson_interval():

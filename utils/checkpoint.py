@@ -14,8 +14,9 @@ from .models import build_model
 
 FORMAT = "compress-ckpt-v1"
 # What each stage leaves in OUT_DIR.
-ARTIFACTS = {"baseline": "baseline.pth", "student": "student.pth", "pruned": "pruned.pth", "int8": "int8.onnx",
-             "int8_sparse": "int8.sparse", "dynamic_quant": "dynamic_quant.pth"}
+ARTIFACTS = {"baseline": "baseline.pth", "student": "student.pth", "student_int8": "student_int8.onnx",
+             "pruned": "pruned.pth", "int8": "int8.onnx", "int8_sparse": "int8.sparse",
+             "dynamic_quant": "dynamic_quant.pth"}
 # The control beside them (compress_model.py's SCRATCH_CONTROL): the student's architecture trained without a teacher.
 CONTROL = {"scratch": "scratch.pth"}
 MADE_BY = {stage: "train_baseline.py" if stage == "baseline" else "compress_model.py" for stage in {**ARTIFACTS,

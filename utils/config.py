@@ -1,8 +1,16 @@
-"""Constants at the top of each script, overridable as --NAME=VALUE flags; errors that end a run in one line."""
+"""Constants at the top of each script, overridable as --NAME=VALUE flags; errors that end a run in one line.
+
+The flag rule: a script's constants block is what lies between its first two lines that start with BLOCK_MARKER;
+every name the block assigns a literal str, int, float or bool is a constant, and every constant is a flag of
+the same name. Nothing outside the block is a flag. A script turns its block into a frozen dataclass once
+(config_type), and configure() returns that type's one instance for the run.
+"""
 import ast
+import dataclasses
 import os
 import json
 import sys
+from types import SimpleNamespace
 
 
 class UserError(Exception):
@@ -25,14 +33,22 @@ def run_cli(main):
         sys.exit(2)
 
 
+BLOCK_MARKER = "# ---"
+
+
 def file_constants(path):
-    """A script's constants block, read from its source without running it: {name: value} of the UPPERCASE names
-    (not starting with _) that the script's own top level assigns a literal str, int, float or bool, in the
-    order they are assigned. Names it imports are not its constants, whatever their case."""
+    """A script's constants, read from its source without running it: {name: value} of what its constants block
+    (the lines between its first two lines starting with BLOCK_MARKER) assigns a literal str, int, float or bool,
+    in the order assigned."""
     with open(path) as f:
-        tree = ast.parse(f.read())
+        source = f.read()
+    markers = [i + 1 for i, line in enumerate(source.splitlines()) if line.startswith(BLOCK_MARKER)][:2]
+    if len(markers) < 2:
+        raise ValueError(f"{path}: no constants block (two lines starting with {BLOCK_MARKER!r})")
     constants = {}
-    for node in tree.body:
+    for node in ast.parse(source).body:
+        if not markers[0] < node.lineno < markers[1]:
+            continue
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
             name, value = node.targets[0].id, node.value
         elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
@@ -43,14 +59,16 @@ def file_constants(path):
             value = ast.literal_eval(value)
         except ValueError:
             continue
-        if name.isupper() and not name.startswith("_") and isinstance(value, (str, int, float, bool)):
+        if isinstance(value, (str, int, float, bool)):
             constants.setdefault(name, value)
     return constants
 
 
-def script_constants(namespace):
-    """The constants block (file_constants) of the script whose globals() `namespace` is, with their values."""
-    return {k: namespace[k] for k in file_constants(namespace["__file__"])}
+def config_type(name, namespace):
+    """A frozen dataclass `name` with one typed field per constant of the script whose globals() `namespace` is
+    (file_constants), defaulting to its value there: the type of that script's configuration."""
+    return dataclasses.make_dataclass(name, [(k, type(v), dataclasses.field(default=namespace[k]))
+                                             for k, v in file_constants(namespace["__file__"]).items()], frozen=True)
 
 
 def parse_value(name, text, default):
@@ -93,12 +111,13 @@ def parse_flags(defaults, argv):
 
 
 def check_choice(cfg, name, allowed):
-    if cfg[name] not in allowed:
-        raise UserError(f"--{name} must be one of {', '.join(map(str, allowed))}, got {cfg[name]!r}")
+    value = getattr(cfg, name)
+    if value not in allowed:
+        raise UserError(f"--{name} must be one of {', '.join(map(str, allowed))}, got {value!r}")
 
 
 def check_range(cfg, name, low, high, low_open=False, high_open=False):
-    v = cfg[name]
+    v = getattr(cfg, name)
     too_low = v <= low if low_open else v < low
     too_high = v >= high if high_open else v > high
     if too_low or too_high:
@@ -122,8 +141,9 @@ def resolve_config(defaults, argv, profiles=None, pick_device=None, env=("DATA_D
     from_env = {k: os.environ[k] for k in env if k in defaults and k not in explicit and os.environ.get(k)}
     if "PROFILE" not in defaults:
         return {**defaults, **from_env, **explicit}
-    check_choice({**defaults, **explicit}, "DEVICE", ("auto", "cpu", "cuda"))
-    check_choice({**defaults, **explicit}, "PROFILE", ("auto", "cpu", "gpu"))
+    given = SimpleNamespace(**{**defaults, **explicit})
+    check_choice(given, "DEVICE", ("auto", "cpu", "cuda"))
+    check_choice(given, "PROFILE", ("auto", "cpu", "gpu"))
     device = pick_device(explicit.get("DEVICE", defaults["DEVICE"]))
     profile = explicit.get("PROFILE", defaults["PROFILE"])
     if profile == "auto":
@@ -133,10 +153,11 @@ def resolve_config(defaults, argv, profiles=None, pick_device=None, env=("DATA_D
     return cfg
 
 
-def configure(title, namespace, argv, check, profiles=None, pick_device=None):
-    """A script's resolved constants (resolve_config on the constants block in `namespace`), checked by
-    check(cfg) and printed: what each script does first."""
-    cfg = resolve_config(script_constants(namespace), argv, profiles or {}, pick_device)
+def configure(config_cls, title, argv, check, profiles=None, pick_device=None):
+    """The run's configuration: an instance of the script's config_cls (config_type) with the constants resolved
+    (resolve_config), checked by check(cfg) and printed: what each script does first."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config_cls)}
+    cfg = config_cls(**resolve_config(defaults, argv, profiles or {}, pick_device))
     check(cfg)
-    print_config(f"{title} ({cfg['PROFILE']} profile)" if "PROFILE" in cfg else title, cfg)
+    print_config(f"{title} ({cfg.PROFILE} profile)" if "PROFILE" in defaults else title, dataclasses.asdict(cfg))
     return cfg

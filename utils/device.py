@@ -20,11 +20,11 @@ def pick_device(name):
 
 def check_amp_dtype(cfg):
     """AMP_DTYPE one of AMP_DTYPES, with the reason when it is float16."""
-    if cfg["AMP_DTYPE"] == "float16":
+    if cfg.AMP_DTYPE == "float16":
         raise UserError("--AMP_DTYPE=float16 is refused: training has no gradient scaler, so float16 gradients "
                         "would underflow; use bfloat16 (same speed on GPUs from Ampere on) or float32")
-    if cfg["AMP_DTYPE"] not in AMP_DTYPES:
-        raise UserError(f"--AMP_DTYPE must be one of {', '.join(AMP_DTYPES)}, got {cfg['AMP_DTYPE']!r}")
+    if cfg.AMP_DTYPE not in AMP_DTYPES:
+        raise UserError(f"--AMP_DTYPE must be one of {', '.join(AMP_DTYPES)}, got {cfg.AMP_DTYPE!r}")
 
 
 def autocast(device, amp_dtype):

@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
@@ -76,17 +76,49 @@ class SearchContext:
         return percent(correct), bound, bound <= self.max_drop
 
 
+@dataclass(frozen=True)
+class Entry:
+    """A candidate's log entry, the one definition of an element of search.json's "candidates" (and of its
+    "scratch"): what was measured of the deployable model, on validation, against the baseline (the reference)."""
+    name: str
+    kind: str                 # student | structured | unstructured | recovery | control
+    float_val_acc: float      # validation accuracy (%) of the float model (exact float32)
+    val_acc: float            # validation accuracy (%) of its INT8 ONNX model: what the budget judges
+    drop_bound: float         # one-sided 95% bound of the INT8 model's paired drop against the baseline (points)
+    within_budget: bool       # drop_bound <= MAX_ACC_DROP
+    float_layers: list        # layers the INT8 fallback kept in float ([] for plain INT8)
+    onnx_bytes: int           # the INT8 ONNX file
+    bytes: int                # its compact archive (utils.sparse): what the size objective counts
+    int8_onnx: str            # paths of both, in the search's work folder
+    archive: str
+    b1_ms: float              # ONNX Runtime latency, batch 1 and batch 64 (ms)
+    b64_ms: float
+    latency_measured_on: str  # the candidate of the same shape whose timing this is (shared_latency)
+    params: int               # parameters of the float model
+    macs: int                 # multiply-accumulates of one image, dense (models.count_macs)
+    sparsity: float           # fraction of conv and linear weights exactly zero
+    widths: list              # stage widths (the residual streams) ...
+    mids: list                # ... and blocks' inner widths (0: the block left out); None: as wide as the stage
+    size_ratio: float         # the baseline checkpoint's bytes / bytes
+    mac_ratio: float          # the baseline's MACs / macs
+    speedup_b1: float         # the baseline's float ONNX latency / this one's, batch 1 and batch 64
+    speedup_b64: float
+    arch: str = None          # students and the control: the architecture (utils.models.parse_arch)
+    level: float = None       # structured steps: the pruning level (search.structured_counts)
+    target: float = None      # unstructured steps: the sparsity aimed at
+
+
 @dataclass
 class Candidate:
-    """One model the search tried: its log entry (search.json), the deployable float model (CPU, eval) and the
-    INT8 sensitivities of the student it came from ({layer: drop}; None before they are measured)."""
-    entry: dict
+    """One model the search tried: its log entry, the deployable float model (CPU, eval) and the INT8
+    sensitivities of the student it came from ({layer: drop}; None before they are measured)."""
+    entry: Entry
     model: torch.nn.Module
     int8_drops: dict = None
 
     @property
     def name(self):
-        return self.entry["name"]
+        return self.entry.name
 
 
 @dataclass
@@ -97,7 +129,8 @@ class SearchResult:
     seconds: float
 
     def log(self):
-        return [c.entry for c in self.candidates]
+        """search.json's "candidates"."""
+        return [asdict(c.entry) for c in self.candidates]
 
 
 # finetune(label, checkpoint path, model, epochs, made_from) -> the fine-tuned model
@@ -146,8 +179,8 @@ def shared_latency(name, int8_path, shape, ctx):
 
 def measure_candidate(name, model, ctx, int8_drops, max_float_layers, **info):
     """Float accuracy, then export, quantize (with the fallback), archive and time one deployable model; returns
-    its log entry. `model` is a CPU model; its float accuracy is measured on a copy on ctx.device. info must hold
-    its `macs` (models.count_macs)."""
+    its log entry. `model` is a CPU model; its float accuracy is measured on a copy on ctx.device. info: the
+    entry's fields that say what the candidate is (kind, and arch, level or target)."""
     on_device = model if ctx.device == "cpu" else copy.deepcopy(model).to(ctx.device)
     float_val = model_accuracy(on_device, ctx.val, ctx.device)
     float_onnx = export_onnx(model, os.path.join(ctx.work_dir, f"{name}_fp32.onnx"))
@@ -158,20 +191,22 @@ def measure_candidate(name, model, ctx, int8_drops, max_float_layers, **info):
     correct, keep = quantize_within_budget(float_onnx, int8_path, ctx, drops, max_float_layers)
     val_acc, bound, within = ctx.judge(correct)
     archive = int8_path.replace(".onnx", ".sparse")
-    entry = {"name": name, "float_val_acc": float_val, "val_acc": val_acc, "drop_bound": bound,
-             "float_layers": keep, "within_budget": within, "onnx_bytes": os.path.getsize(int8_path),
-             "bytes": save_sparse_onnx(int8_path, archive), "int8_onnx": int8_path, "archive": archive,
-             **shared_latency(name, int8_path, [model.spec, keep], ctx), **info}
-    ref = ctx.reference
-    entry.update(size_ratio=ref["bytes"] / entry["bytes"], mac_ratio=ref["macs"] / entry["macs"],
-                 speedup_b1=ref["b1_ms"] / entry["b1_ms"], speedup_b64=ref["b64_ms"] / entry["b64_ms"])
+    nbytes = save_sparse_onnx(int8_path, archive)
+    measured, ref = shared_latency(name, int8_path, [model.spec, keep], ctx), ctx.reference
+    macs, kw = count_macs(model), model.spec["kwargs"]
+    entry = Entry(name=name, float_val_acc=float_val, val_acc=val_acc, drop_bound=bound, float_layers=keep,
+                  within_budget=within, onnx_bytes=os.path.getsize(int8_path), bytes=nbytes, int8_onnx=int8_path,
+                  archive=archive, **measured, params=count_params(model)[0], macs=macs,
+                  sparsity=weight_sparsity(model), widths=kw["widths"], mids=kw.get("mids"), **info,
+                  size_ratio=ref["bytes"] / nbytes, mac_ratio=ref["macs"] / macs,
+                  speedup_b1=ref["b1_ms"] / measured["b1_ms"], speedup_b64=ref["b64_ms"] / measured["b64_ms"])
     print(f"candidate {name:<18} val {float_val:6.2f}% float -> {val_acc:6.2f}% int8 (drop <= {bound:5.2f})"
-          f"{' (float: ' + ', '.join(keep) + ')' if keep else ''}  {entry['bytes'] / 2**20:6.3f} MiB "
-          f"({entry['size_ratio']:5.1f}x)  {entry['macs'] / 1e6:.1f} M MACs  "
-          f"b1 {entry['b1_ms']:.3f} ms ({entry['speedup_b1']:.2f}x)  "
-          f"b64 {entry['b64_ms']:.2f} ms ({entry['speedup_b64']:.2f}x)"
-          f"{'' if entry['latency_measured_on'] == name else ' (timed as ' + entry['latency_measured_on'] + ')'}  "
-          f"{'within' if entry['within_budget'] else 'OUTSIDE'} budget", flush=True)
+          f"{' (float: ' + ', '.join(keep) + ')' if keep else ''}  {entry.bytes / 2**20:6.3f} MiB "
+          f"({entry.size_ratio:5.1f}x)  {entry.macs / 1e6:.1f} M MACs  "
+          f"b1 {entry.b1_ms:.3f} ms ({entry.speedup_b1:.2f}x)  "
+          f"b64 {entry.b64_ms:.2f} ms ({entry.speedup_b64:.2f}x)"
+          f"{'' if entry.latency_measured_on == name else ' (timed as ' + entry.latency_measured_on + ')'}  "
+          f"{'within' if entry.within_budget else 'OUTSIDE'} budget", flush=True)
     return entry
 
 
@@ -182,18 +217,18 @@ def score(entry, objective):
     differ from run to run, so a choice made on them would differ too; the MACs are what the dense INT8 kernels'
     time follows, and every candidate's latency is still measured and reported."""
     if objective == "size":
-        return (entry["bytes"], entry["macs"])
+        return (entry.bytes, entry.macs)
     if objective == "latency":
-        return (entry["macs"], entry["bytes"])
-    return (-(entry["size_ratio"] * entry["mac_ratio"] ** 2) ** (1 / 3), entry["bytes"])
+        return (entry.macs, entry.bytes)
+    return (-(entry.size_ratio * entry.mac_ratio ** 2) ** (1 / 3), entry.bytes)
 
 
 def choose(candidates, objective):
     """The best Candidate by `objective` among those within the budget: (candidate, True). With none within the
     budget, the most accurate: (candidate, False)."""
-    within = [c for c in candidates if c.entry["within_budget"]]
+    within = [c for c in candidates if c.entry.within_budget]
     if not within:
-        return max(candidates, key=lambda c: c.entry["val_acc"]), False
+        return max(candidates, key=lambda c: c.entry.val_acc), False
     return min(within, key=lambda c: score(c.entry, objective)), True
 
 
@@ -218,11 +253,8 @@ class Search:
         """`model` (any device; measured on a CPU copy) as a Candidate, measured like every other, not logged:
         what the search's candidates are compared with (the scratch control) is made this way too."""
         final = cpu_copy(model)
-        entry = measure_candidate(name, final, self.ctx, int8_drops, self.plan.max_float_layers,
-                                  params=count_params(final)[0], macs=count_macs(final),
-                                  sparsity=weight_sparsity(final), widths=final.spec["kwargs"]["widths"],
-                                  mids=final.spec["kwargs"].get("mids"), **info)
-        return Candidate(entry, final, int8_drops)
+        return Candidate(measure_candidate(name, final, self.ctx, int8_drops, self.plan.max_float_layers, **info),
+                         final, int8_drops)
 
     def add(self, name, model, int8_drops=None, **info):
         """Measure `model` as a candidate (measure) and log it."""
@@ -266,7 +298,7 @@ def walk(search, start, steps):
     for step in steps:
         model, made_from = step.prune(current.model)
         cand = search.step(step.name, model, current, step.epochs, made_from, **step.info)
-        if not cand.entry["within_budget"]:
+        if not cand.entry.within_budget:
             break
         current = cand
     return current
@@ -306,7 +338,7 @@ def recovery(search, chosen):
     model = copy.deepcopy(chosen.model)
     magnitude_masks(model, zero_fractions(model))  # masks exactly where the zeros are
     cand = search.step(f"{chosen.name}_ft", model, chosen, search.plan.final_epochs, {}, kind="recovery")
-    better = cand.entry["within_budget"] and cand.entry["val_acc"] >= chosen.entry["val_acc"]
+    better = cand.entry.within_budget and cand.entry.val_acc >= chosen.entry.val_acc
     return cand if better else chosen
 
 
@@ -318,7 +350,7 @@ def pick_student(search, students):
         search.add(f"student_{arch_slug(name)}" if len(students) > 1 else "student", model, kind="student",
                    arch=name)
     picked, met = choose(search.candidates[first:], search.plan.objective)
-    print(f"student: {picked.entry['arch']} picked of {', '.join(students)} "
+    print(f"student: {picked.entry.arch} picked of {', '.join(students)} "
           f"({'within the budget' if met else 'none within the budget: the most accurate'})", flush=True)
     return picked
 
@@ -329,10 +361,10 @@ def run_search(search, student, sens):
     by the objective within the budget among all candidates, students included, then its recovery fine-tuning.
     sens: the student's Sensitivity (utils.sensitivity)."""
     t0, plan = time.time(), search.plan
-    if not student.entry["within_budget"] and student.entry["float_val_acc"] >= search.ctx.floor and sens.int8:
+    if not student.entry.within_budget and student.entry.float_val_acc >= search.ctx.floor and sens.int8:
         mixed = search.add(f"{student.name}_mixed", student.model, sens.int8, kind="student",
-                           arch=student.entry["arch"])
-        if mixed.entry["float_layers"]:  # layers kept in float brought it within: the walks start from it
+                           arch=student.entry.arch)
+        if mixed.entry.float_layers:  # layers kept in float brought it within: the walks start from it
             student = mixed
         else:  # plain INT8 again, the same model as the student's entry: not logged twice
             search.candidates.remove(mixed)
@@ -341,6 +373,6 @@ def run_search(search, student, sens):
     if plan.objective != "latency":
         walk(search, kept, agp_steps(plan, sens.unstructured))
     chosen, met = choose(search.candidates, plan.objective)
-    if chosen.entry["kind"] != "student" and met and plan.final_epochs:
+    if chosen.entry.kind != "student" and met and plan.final_epochs:
         chosen = recovery(search, chosen)
     return SearchResult(search.candidates, chosen, met, time.time() - t0)

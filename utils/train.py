@@ -42,10 +42,10 @@ class TrainRecipe:
 def recipe_from(cfg, lr, epochs, views=0, mirror_views=False):
     """A script's TrainRecipe: its BATCH_SIZE, MOMENTUM, WEIGHT_DECAY, SEED, CHANNELS_LAST, AMP_DTYPE and
     LOOKAHEAD constants, with the stage's own peak learning rate, epochs and fixed views."""
-    return TrainRecipe(lr=lr, epochs=epochs, batch_size=cfg["BATCH_SIZE"], momentum=cfg["MOMENTUM"],
-                       weight_decay=cfg["WEIGHT_DECAY"], seed=cfg["SEED"], channels_last=cfg["CHANNELS_LAST"],
-                       amp_dtype=cfg["AMP_DTYPE"], views=views, mirror_views=mirror_views,
-                       lookahead=cfg["LOOKAHEAD"])
+    return TrainRecipe(lr=lr, epochs=epochs, batch_size=cfg.BATCH_SIZE, momentum=cfg.MOMENTUM,
+                       weight_decay=cfg.WEIGHT_DECAY, seed=cfg.SEED, channels_last=cfg.CHANNELS_LAST,
+                       amp_dtype=cfg.AMP_DTYPE, views=views, mirror_views=mirror_views,
+                       lookahead=cfg.LOOKAHEAD)
 
 
 def placed_for_training(model, device, channels_last):
