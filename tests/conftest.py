@@ -74,6 +74,13 @@ def tiny_model():
     return ResNet(stem="stride2", widths=(8, 16, 32, 64), num_classes=4)
 
 
+def small_model():
+    """Smaller than tiny_model (7 layers, one removable block): for what runs once per layer, like the
+    sensitivity analysis."""
+    torch.manual_seed(0)
+    return ResNet(stem="cifar", widths=(8, 16), blocks=(2, 1), num_classes=4)
+
+
 def cli(main, argv, capsys, monkeypatch):
     """Run a script's main as the shell would: returns (exit status, stdout, stderr)."""
     monkeypatch.setattr("sys.argv", ["script"] + argv)

@@ -19,7 +19,7 @@ import compress_model
 import evaluate_results
 import train_baseline
 from conftest import (COMPRESS_FLAGS, EVAL_FLAGS, TRAIN_FLAGS, assert_one_line_error, cli, no_temp_files, tiny_data,
-                      tiny_model, write_cifar_pickles)
+                      small_model, write_cifar_pickles)
 from utils.data import Split, load_dataset
 from utils.files import LOCK_NAME, atomic_path, out_dir_lock, pid_alive
 from utils.quantize import Quantization
@@ -272,10 +272,10 @@ def test_a_truncated_sensitivity_json_is_measured_again(tmp_path, capsys):
     cfg = SimpleNamespace(OUT_DIR=str(tmp_path), SENS_IMAGES=16, CALIB_IMAGES=16, DEVICE="cpu")
     val = Split(*tiny_data(16), ["a", "b", "c", "d"])
     quant = Quantization(tiny_data(16)[0].float() / 255)
-    first = compress_model.sensitivities(tiny_model(), val, quant, cfg)
+    first = compress_model.sensitivities(small_model(), val, quant, cfg)
     text = (tmp_path / "sensitivity.json").read_text()
     (tmp_path / "sensitivity.json").write_text(text[:len(text) // 2])
-    again = compress_model.sensitivities(tiny_model(), val, quant, cfg)
+    again = compress_model.sensitivities(small_model(), val, quant, cfg)
     assert "unreadable, computing it again" in capsys.readouterr().out and again == first
 
 

@@ -13,7 +13,7 @@ from utils.sparse import load_sparse_onnx
 from utils.data import load_dataset
 from utils.measure import ort_predict, ort_session
 from utils.models import parse_arch
-from utils.search import score
+from utils.search import Entry, score
 
 STAGES = ["baseline", "scratch", "student", "student_int8", "pruned", "int8", "int8_sparse", "dynamic_quant"]
 REQUIRED = ["stage", "artifact", "runtime", "accuracy", "size_bytes", "params", "nonzero_params", "latency_b1_ms",
@@ -60,8 +60,8 @@ def test_the_baseline_learns_the_synthetic_classes(pipeline):
 def test_int8_onnx_is_smaller_than_the_float_export_as_int8_weights_are(pipeline):
     int8_path, float_path = os.path.join(pipeline, "int8.onnx"), os.path.join(pipeline, "onnx", "pruned_fp32.onnx")
     # int8 weights: 4x smaller tensors, less the per-channel scales, int32 biases and the graph's own bytes, which
-    # weigh on a tiny model; an fp16 file (at most 2x smaller) fails this
-    assert os.path.getsize(float_path) / os.path.getsize(int8_path) >= 2.5
+    # weigh on a tiny model (the more so once pruning left a block out); an fp16 file (at most 2x smaller) fails this
+    assert os.path.getsize(float_path) / os.path.getsize(int8_path) >= 2.2
 
 
 def test_every_conv_of_int8_onnx_reads_an_int8_weight(pipeline):
@@ -93,7 +93,7 @@ def test_the_search_walks_every_step_when_nothing_breaks_the_budget(pipeline):
 
 def test_the_search_walks_from_the_student_best_by_the_objective(pipeline):
     search = search_log(pipeline)
-    picked = min(search["candidates"][:2], key=lambda c: score(c, search["objective"]))
+    picked = min(search["candidates"][:2], key=lambda c: score(Entry(**c), search["objective"]))
     student_ckpt = load_checkpoint(os.path.join(pipeline, "student.pth"), "student")
     assert search["student"] == picked["arch"]
     assert student_ckpt["model"]["kwargs"]["stem"] == parse_arch(picked["arch"])["stem"]
