@@ -15,10 +15,10 @@ from conftest import COMPRESS_FLAGS, EVAL_FLAGS, TRAIN_FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Tiny constants for every stage, on the CPU (the last value of a name wins, so these replace the stages' own):
 # with them the smoke and the full stage run the same constants, so the smoke stage is also the uninterrupted
-# run that a stopped and resumed full stage must match. The stride-2 baseline in place of the GPU profile's
-# CIFAR-stem one: a quarter of the MACs, the same code path.
+# run that a stopped and resumed full stage must match. The stride-2 baseline at half width in place of the GPU
+# profile's CIFAR-stem one: the same code path, a sixteenth of the MACs.
 SHORT = ["--EPOCHS=1", "--KD_EPOCHS=1", "--AGP_STEPS=1", "--FINAL_EPOCHS=0", "--STUDENTS=cifar:8-16-32-64:1",
-         "--TRAIN_SUBSET=4000", "--ARCH=resnet18_s2"]
+         "--TRAIN_SUBSET=4000", "--ARCH=resnet_s2_w32"]
 TINY = ["--DEVICE=cpu", "--REFERENCE_SECONDS=0.5"] + TRAIN_FLAGS[:-1] + COMPRESS_FLAGS[:-1] + EVAL_FLAGS + SHORT
 # search.json entries that do not depend on timing or on the run's folder
 SEARCH_KEYS = ("name", "widths", "mids", "float_val_acc", "val_acc", "drop_bound", "bytes", "onnx_bytes", "sparsity",
