@@ -26,10 +26,10 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Callable
 
-from utils.config import UserError, config_type, file_constants, parse_value, run_cli
+from utils.config import UserError, config_defaults, config_type, file_constants, parse_value, run_cli
 from utils.files import atomic_write_text, write_json
 from utils.plots import read_metrics
 
@@ -41,7 +41,7 @@ STOP_AFTER = ""              # "" | train_baseline.py | compress_model.py: end t
 PUBLISH = ""                 # "" | a folder (e.g. docs): the finished run written up as its results.md, the run's
                              # small files copied into its results/; an OUT_DIR already finished is only published
 # -----------------------------------------------------------------------------------------------
-Config = config_type("Config", globals())  # the constants above as a frozen dataclass
+Config = config_type("Config", __file__)  # the constants above as a frozen dataclass
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPTS = ("train_baseline.py", "compress_model.py", "evaluate_results.py")  # run in this order
 
@@ -85,7 +85,7 @@ TARGETS = {
 
 def route_flags(argv):
     """({script: [its flags]}, this script's own configuration): each flag to every script that knows its name."""
-    own = {f.name: f.default for f in fields(Config)}
+    own = config_defaults(Config)
     routed = {script: [] for script in SCRIPTS}
     constants = {script: file_constants(os.path.join(HERE, script)) for script in SCRIPTS}
     args = list(argv)

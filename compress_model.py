@@ -103,7 +103,7 @@ PROFILES = {"cpu": {}, "gpu": {"STUDENTS": "resnet20_w32,resnet18_cifar_w32", "K
                                "BATCH_SIZE": 512, "KD_LR": 0.4,
                                "STRUCT_EPOCHS": 4, "AGP_EPOCHS": 2,
                                "AMP_DTYPE": "bfloat16"}}
-Config = config_type("Config", globals())  # the constants above as a frozen dataclass: cfg.NAME
+Config = config_type("Config", __file__)  # the constants above as a frozen dataclass: cfg.NAME
 
 
 def check_config(cfg):

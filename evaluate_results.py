@@ -42,7 +42,7 @@ RUNS_B64 = 30                # timed runs at batch 64
 WARMUP = 20                  # untimed runs before timing
 EVAL_BATCH = 500             # batch size of the accuracy pass
 # -----------------------------------------------------------------------------------------------
-Config = config_type("Config", globals())  # the constants above as a frozen dataclass: cfg.NAME
+Config = config_type("Config", __file__)  # the constants above as a frozen dataclass: cfg.NAME
 FLOAT_STAGES = ("baseline", "scratch", "student", "pruned")
 INT8_STAGES = ("student_int8", "int8", "int8_sparse")
 RUN_FILES = ("student_int8", "pruned", "int8", "int8_sparse", "dynamic_quant", "search")  # written together by

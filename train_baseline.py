@@ -45,7 +45,7 @@ SEED = 0                     # seed of the validation split, initialisation and 
 # -----------------------------------------------------------------------------------------------
 PROFILES = {"cpu": {}, "gpu": {"ARCH": "resnet18_cifar", "EPOCHS": 40, "BATCH_SIZE": 512, "LR": 0.4,
                                "AMP_DTYPE": "bfloat16"}}
-Config = config_type("Config", globals())  # the constants above as a frozen dataclass: cfg.NAME
+Config = config_type("Config", __file__)  # the constants above as a frozen dataclass: cfg.NAME
 
 
 def check_config(cfg):

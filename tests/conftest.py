@@ -1,5 +1,6 @@
 """Tiny synthetic CIFAR-like data (ImageFolder and torchvision pickle layouts), a tiny pipeline run, the helpers
 the test files share, and the slow tier (tests that run the pipeline or a script end to end)."""
+import dataclasses
 import os
 import pickle
 import sys
@@ -10,8 +11,10 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils.checkpoint import Progress, load_checkpoint, load_model, write_checkpoint  # noqa: E402
 from utils.config import run_cli  # noqa: E402  (the repository root is on the path from here)
 from utils.models import ResNet  # noqa: E402
+from utils.search import Entry  # noqa: E402
 
 # One fixed thread count for every test: float sums (and so the tiny search's choices) depend on it, and the same
 # seeds must give the same results on every run, whatever ran before in this process.
@@ -148,14 +151,11 @@ def pytest_collection_modifyitems(items):
 def log_entry(**fields):
     """A search log entry (utils.search.Entry) with the given fields and None for every other required one: what
     the budget logic and the walks read, without measuring a model."""
-    from dataclasses import MISSING, fields as entry_fields
-    from utils.search import Entry
-    return Entry(**{**{f.name: None for f in entry_fields(Entry) if f.default is MISSING}, **fields})
+    return Entry(**{**{f.name: None for f in dataclasses.fields(Entry) if f.default is dataclasses.MISSING}, **fields})
 
 
 def reloaded(model, tmp_path):
     """`model` written as a pruned.pth checkpoint and loaded back (torch.load with weights_only=True)."""
-    from utils.checkpoint import Progress, load_checkpoint, load_model, write_checkpoint
     path = str(tmp_path / "pruned.pth")
     write_checkpoint(path, {"stage": "pruned", "model": model.spec}, model, Progress(1, 1))
     return load_model(load_checkpoint(path, "pruned"), path)

@@ -64,11 +64,16 @@ def file_constants(path):
     return constants
 
 
-def config_type(name, namespace):
-    """A frozen dataclass `name` with one typed field per constant of the script whose globals() `namespace` is
-    (file_constants), defaulting to its value there: the type of that script's configuration."""
-    return dataclasses.make_dataclass(name, [(k, type(v), dataclasses.field(default=namespace[k]))
-                                             for k, v in file_constants(namespace["__file__"]).items()], frozen=True)
+def config_type(name, path):
+    """A frozen dataclass `name` with one typed field per constant of the script at `path` (file_constants),
+    defaulting to its value there: the type of that script's configuration."""
+    return dataclasses.make_dataclass(name, [(k, type(v), dataclasses.field(default=v))
+                                             for k, v in file_constants(path).items()], frozen=True)
+
+
+def config_defaults(config_cls):
+    """{constant: its default} of a configuration type (config_type)."""
+    return {f.name: f.default for f in dataclasses.fields(config_cls)}
 
 
 def parse_value(name, text, default):
@@ -156,7 +161,7 @@ def resolve_config(defaults, argv, profiles=None, pick_device=None, env=("DATA_D
 def configure(config_cls, title, argv, check, profiles=None, pick_device=None):
     """The run's configuration: an instance of the script's config_cls (config_type) with the constants resolved
     (resolve_config), checked by check(cfg) and printed: what each script does first."""
-    defaults = {f.name: f.default for f in dataclasses.fields(config_cls)}
+    defaults = config_defaults(config_cls)
     cfg = config_cls(**resolve_config(defaults, argv, profiles or {}, pick_device))
     check(cfg)
     print_config(f"{title} ({cfg.PROFILE} profile)" if "PROFILE" in defaults else title, dataclasses.asdict(cfg))

@@ -96,17 +96,18 @@ def structured_prune(model, keep_counts):
     make_pruning_permanent(pruned)
     graph = dependency_graph(pruned)
     importance = tp.importance.GroupMagnitudeImportance(p=2)
-    roots = channel_groups(pruned)
+    roots, removed = channel_groups(pruned), []
     for name, count in keep_counts.items():
         if name not in roots and count == 0:
             continue
         conv = roots[name]
         n = max(0 if removable(name) else 1, min(int(count), conv.out_channels))
-        if 0 < n < conv.out_channels:
+        if n == 0:
+            removed.append(name)
+        elif n < conv.out_channels:
             order = torch.sort(importance(group_of(graph, conv)), descending=True, stable=True).indices
             group_of(graph, conv, sorted(order[n:].tolist())).prune()
     kw = pruned.spec["kwargs"]
-    removed = [name for name in blocks(pruned) if removable(name) and keep_counts.get(name, 1) == 0]
     mids = {name: 0 if name in removed else b.conv1.out_channels for name, b in blocks(pruned).items()}
     spec = model_spec(kw["stem"], [roots[stage].out_channels for stage in pruned.stages], kw["num_classes"],
                       kw["blocks"], [mids.get(f"{stage}.{i}", 0) for stage, n in zip(pruned.stages, kw["blocks"])
@@ -173,13 +174,14 @@ def ratio_at(curve, threshold):
 def allocate(curves, sizes, target):
     """Per-layer ratios from sensitivity curves so that the size-weighted mean ratio is `target`:
     one accuracy-drop threshold for all layers, found by bisection (the less sensitive a layer, the more it
-    loses). curves: {layer: [(ratio, drop)]}, sizes: {layer: weights}. Ratios never exceed the largest measured."""
+    loses). sizes: {layer: weights}, the layers to prune; curves: {layer: [(ratio, drop)]} for each of them (it may
+    hold more: those of blocks since left out). Ratios never exceed the largest measured."""
     total = sum(sizes.values())
-    mean = lambda t: sum(ratio_at(curves[n], t) * sizes[n] for n in curves) / total
+    mean = lambda t: sum(ratio_at(curves[n], t) * sizes[n] for n in sizes) / total
     lo, hi = -1.0, 100.0
     if mean(hi) < target:  # even the most tolerant threshold falls short: take the most the curves allow
-        return {n: ratio_at(curves[n], hi) for n in curves}
+        return {n: ratio_at(curves[n], hi) for n in sizes}
     for _ in range(60):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if mean(mid) < target else (lo, mid)
-    return {n: ratio_at(curves[n], hi) for n in curves}
+    return {n: ratio_at(curves[n], hi) for n in sizes}

@@ -324,7 +324,7 @@ def agp_steps(plan, curves):
         def prune(model):
             model = copy.deepcopy(model)
             sizes = {n: m.weight.numel() for n, m in prunable_layers(model).items()}
-            ratios = allocate({n: curves[n] for n in sizes}, sizes, target)  # the layers of blocks still there
+            ratios = allocate(curves, sizes, target)
             magnitude_masks(model, ratios)
             return model, {"ratios": ratios}
         return prune
