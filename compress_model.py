@@ -44,7 +44,8 @@ from utils.models import ResNet, arch_slug, parse_arch
 from utils.plots import plot_sensitivity
 from utils.prune import group_widths
 from utils.quantize import Quantization, dynamic_quant, export_onnx, onnx_param_counts, save_onnx_metadata
-from utils.search import OBJECTIVES, Search, SearchContext, SearchPlan, pick_student, reference_point, run_search
+from utils.search import (OBJECTIVES, Search, SearchContext, SearchPlan, float_onnx_path, pick_student,
+                          reference_point, run_search)
 from utils.sensitivity import Sensitivity, sensitivity_analysis, sensitivity_table
 from utils.sparse import save_sparse_onnx
 from utils.train import (METRICS_FILE, Stage, cross_entropy_objective, distillation_objective,
@@ -290,17 +291,18 @@ def quantization(train, cfg):
     return Quantization(calib, cfg.PER_CHANNEL, cfg.CALIB_METHOD)
 
 
-def sensitivities(student, val, quant, cfg):
-    """The sensitivity analysis of the student on SENS_IMAGES validation images, reused when sensitivity.json was
-    made from the same student and images; also written as sensitivity.md and .png."""
-    out = cfg.OUT_DIR
-    key = {"student": weights_fingerprint(clean_state_dict(student)), "SENS_IMAGES": cfg.SENS_IMAGES,
-           "CALIB_IMAGES": cfg.CALIB_IMAGES, "groups": list(group_widths(student)), "blocks_left_out": True}
+def sensitivities(student, ctx, cfg):
+    """The sensitivity analysis of the student (a candidate) on SENS_IMAGES validation images with the search's
+    INT8 settings, reused when sensitivity.json was made from the same student and images; also written as
+    sensitivity.md and .png."""
+    out, model = cfg.OUT_DIR, student.model
+    key = {"student": weights_fingerprint(clean_state_dict(model)), "SENS_IMAGES": cfg.SENS_IMAGES,
+           "CALIB_IMAGES": cfg.CALIB_IMAGES, "groups": list(group_widths(model)), "blocks_left_out": True}
 
     def compute():
         t0 = time.time()
-        float_onnx = export_onnx(student, os.path.join(out, "search", "student_fp32.onnx"))
-        sens = sensitivity_analysis(student, float_onnx, quant, val.head(cfg.SENS_IMAGES), cfg.DEVICE)
+        float_onnx = export_onnx(model, float_onnx_path(ctx.work_dir, student.name))  # made when it was measured
+        sens = sensitivity_analysis(model, float_onnx, ctx.quant, ctx.val.head(cfg.SENS_IMAGES), cfg.DEVICE)
         atomic_write_text(os.path.join(out, "sensitivity.md"), sensitivity_table(sens))
         plot_sensitivity(sens, os.path.join(out, "sensitivity.png"))
         print(f"sensitivity: {out}/sensitivity.md, sensitivity.png ({time.time() - t0:.0f}s)", flush=True)
@@ -426,7 +428,7 @@ def main(argv):
         search = Search(ctx, search_plan(cfg), distiller.finetune, distiller.finetune_key())
         student = pick_student(search, students)
         control, control_s = scratch_control(student, teacher, distiller, search, cfg)
-        sens = sensitivities(student.model, val, quant, cfg)
+        sens = sensitivities(student, ctx, cfg)
         result = run_search(search, student, sens)
         report(result, cfg)
         meta = artifact_meta(cfg, teacher, new_run_id())

@@ -27,6 +27,7 @@ from utils.measure import (Timing, accuracy_interval, eager_latency, gzip_size, 
                            ort_correct, ort_latency, paired_drop_interval, percent, results_table)
 from utils.plots import plot_pareto, plot_training
 from utils.quantize import export_onnx, load_dynamic_quant, onnx_metadata, onnx_param_counts
+from utils.search import float_onnx_path
 from utils.sparse import SparseFormatError, read_sparse
 from utils.train import METRICS_FILE
 
@@ -168,10 +169,18 @@ class Row(Measured):
     gain_over_scratch_ci95: tuple = None
 
 
-def measure_float(art, test, cfg, timing):
+def search_exports(search, out):
+    """Where compress_model.py's search exported each float stage's model (utils.search.float_onnx_path): the
+    baseline, the scratch control, the student it walked from and the chosen model."""
+    student = next(c["name"] for c in search["candidates"] if c["kind"] == "student" and c["arch"] == search["student"])
+    names = {"baseline": "baseline", "scratch": "scratch", "student": student, "pruned": search["chosen"]}
+    return {stage: float_onnx_path(os.path.join(out, "search"), name) for stage, name in names.items()}
+
+
+def measure_float(art, test, cfg, timing, exported):
     """A .pth float model: accuracy (on DEVICE) and latency in eager PyTorch, and again as its ONNX export in
-    ONNX Runtime."""
-    onnx_path = export_onnx(art.model, os.path.join(cfg.OUT_DIR, "onnx", f"{art.stage}_fp32.onnx"))
+    ONNX Runtime (the search's export of it where that is one of these weights: `exported`)."""
+    onnx_path = export_onnx(art.model, os.path.join(cfg.OUT_DIR, "onnx", f"{art.stage}_fp32.onnx"), reuse=[exported])
     params, nonzero = count_params(art.model)
     x = test.x[:64].float() / 255
     return Measured(art.stage, art.path, "onnxruntime (fp32 export)",
@@ -195,12 +204,14 @@ def measure_dynamic_quant(art, test, cfg, timing):
                     None, None, {"pytorch": eager_latency(art.model, test.x[:64].float() / 255, timing)})
 
 
-def measure_all(artifacts, test, cfg, timing):
-    measured = []
+def measure_all(artifacts, search, test, cfg, timing):
+    measured, exported = [], search_exports(search, cfg.OUT_DIR)
     for stage, art in artifacts.items():
-        measure = (measure_float if stage in FLOAT_STAGES else measure_int8 if stage in INT8_STAGES
-                   else measure_dynamic_quant)
-        measured.append(measure(art, test, cfg, timing))
+        if stage in FLOAT_STAGES:
+            measured.append(measure_float(art, test, cfg, timing, exported[stage]))
+        else:
+            measure = measure_int8 if stage in INT8_STAGES else measure_dynamic_quant
+            measured.append(measure(art, test, cfg, timing))
         print(f"measured {stage}: test accuracy {percent(measured[-1].correct):.2f}%", flush=True)
     return compare(measured)
 
@@ -303,7 +314,7 @@ def main(argv):
         artifacts, search = load_artifacts(cfg)
         test = load_dataset(cfg.DATA_DIR, cfg.DOWNLOAD, cfg.OUT_DIR)["test"]
         t0 = time.time()
-        rows = measure_all(artifacts, test, cfg, timing)
+        rows = measure_all(artifacts, search, test, cfg, timing)
         draw(search, cfg)
         write_results(rows, search, test, cfg, timing)
         print(f"wrote {cfg.OUT_DIR}/results.json and results.md ({time.time() - t0:.0f}s of measuring)")

@@ -1,5 +1,6 @@
 """The compression pieces of the search on tiny models: structured pruning that rebuilds, sparse storage that
 restores bit-exact weights, the ratio allocation, the AGP schedule, and the budget logic."""
+import copy
 import os
 from types import SimpleNamespace
 
@@ -8,7 +9,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from conftest import log_entry, reloaded, tiny_data, tiny_model
+from conftest import log_entry, reloaded, small_model, tiny_data, tiny_model
 from utils.quantize import Quantization, export_onnx, quantize_int8
 from utils.models import ARCHS, STEMS, ResNet, count_macs
 from utils.data import Split
@@ -103,6 +104,23 @@ def test_a_stream_pruned_model_rebuilds_exports_quantizes_and_round_trips(tmp_pa
     session = ort.InferenceSession(int8, providers=["CPUExecutionProvider"])
     out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     assert out.shape == (4, 4) and (out.argmax(1) == pruned(x).argmax(1).numpy()).mean() >= 0.5
+
+
+def test_an_export_of_the_same_weights_is_reused_and_other_weights_are_exported_anew(tmp_path, monkeypatch):
+    exports = []
+    real_export = torch.onnx.export
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: exports.append(a[2]) or real_export(*a, **k))
+    model, first, other = small_model(), str(tmp_path / "a.onnx"), str(tmp_path / "b.onnx")
+    assert export_onnx(model, first) == first and len(exports) == 1
+    assert export_onnx(copy.deepcopy(model).train(), first) == first  # a copy in another mode: the same export
+    assert export_onnx(model, other, reuse=[first]) == first and not os.path.exists(other)
+    assert len(exports) == 1
+    with torch.no_grad():
+        model.fc.bias += 1.0
+    assert export_onnx(model, other, reuse=[first]) == other and len(exports) == 2
+    x = torch.rand(2, 3, 32, 32)
+    session = ort.InferenceSession(other, providers=["CPUExecutionProvider"])
+    assert torch.allclose(torch.from_numpy(session.run(None, {"input": x.numpy()})[0]), model.eval()(x), atol=1e-4)
 
 
 def test_a_block_that_adds_nothing_is_left_out_without_changing_the_outputs():

@@ -270,12 +270,12 @@ def test_a_sparse_archive_with_bad_content_is_one_line(pipeline, imagefolder, tm
 
 def test_a_truncated_sensitivity_json_is_measured_again(tmp_path, capsys):
     cfg = SimpleNamespace(OUT_DIR=str(tmp_path), SENS_IMAGES=16, CALIB_IMAGES=16, DEVICE="cpu")
-    val = Split(*tiny_data(16), ["a", "b", "c", "d"])
-    quant = Quantization(tiny_data(16)[0].float() / 255)
-    first = compress_model.sensitivities(small_model(), val, quant, cfg)
+    ctx = SimpleNamespace(val=Split(*tiny_data(16), ["a", "b", "c", "d"]), work_dir=str(tmp_path / "search"),
+                          quant=Quantization(tiny_data(16)[0].float() / 255))
+    first = compress_model.sensitivities(SimpleNamespace(name="student", model=small_model()), ctx, cfg)
     text = (tmp_path / "sensitivity.json").read_text()
     (tmp_path / "sensitivity.json").write_text(text[:len(text) // 2])
-    again = compress_model.sensitivities(small_model(), val, quant, cfg)
+    again = compress_model.sensitivities(SimpleNamespace(name="student", model=small_model()), ctx, cfg)
     assert "unreadable, computing it again" in capsys.readouterr().out and again == first
 
 

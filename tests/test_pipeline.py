@@ -58,10 +58,18 @@ def test_the_baseline_learns_the_synthetic_classes(pipeline):
 
 
 def test_int8_onnx_is_smaller_than_the_float_export_as_int8_weights_are(pipeline):
-    int8_path, float_path = os.path.join(pipeline, "int8.onnx"), os.path.join(pipeline, "onnx", "pruned_fp32.onnx")
+    pruned = next(row for row in results(pipeline)["rows"] if row["stage"] == "pruned")
+    int8_path, float_path = os.path.join(pipeline, "int8.onnx"), pruned["onnx_artifact"]
     # int8 weights: 4x smaller tensors, less the per-channel scales, int32 biases and the graph's own bytes, which
     # weigh on a tiny model (the more so once pruning left a block out); an fp16 file (at most 2x smaller) fails this
     assert os.path.getsize(float_path) / os.path.getsize(int8_path) >= 2.2
+
+
+def test_evaluate_times_the_float_exports_the_search_made_of_the_same_weights(pipeline):
+    exports = {row["stage"]: row["onnx_artifact"] for row in results(pipeline)["rows"] if row["onnx_artifact"]}
+    assert set(exports) == {"baseline", "scratch", "student", "pruned"}
+    assert all(os.path.dirname(path) == os.path.join(pipeline, "search") for path in exports.values()), exports
+    assert not os.path.exists(os.path.join(pipeline, "onnx"))
 
 
 def test_every_conv_of_int8_onnx_reads_an_int8_weight(pipeline):

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import FORMAT, cpu_copy, load_checkpoint, versions
+from .checkpoint import FORMAT, cpu_copy, load_checkpoint, versions, weights_fingerprint
 from .config import UserError
 from .files import atomic_path, atomic_save, scratch_path
 from .models import build_model
@@ -32,16 +32,34 @@ class Quantization:
     method: str = "MinMax"
 
 
-def export_onnx(model, path, image_size=32):
-    """Export a float model to ONNX with a dynamic batch dimension (torch.export based exporter). A CPU copy is
-    exported: `model` keeps its device, memory format and training mode."""
+EXPORTED_FROM = "exported_from"  # the metadata key of what a float export was made from (export_key)
+
+
+def export_key(model, image_size):
+    """What a float export is made from: the model's spec and weights, the image size and the exporter's
+    versions. Two exports with the same key are the same file."""
+    import onnxscript
+    return {"spec": model.spec, "weights": weights_fingerprint(model.state_dict()), "image_size": image_size,
+            "torch": str(torch.__version__), "onnxscript": onnxscript.__version__}
+
+
+def export_onnx(model, path, image_size=32, reuse=()):
+    """Export a float model to ONNX with a dynamic batch dimension (torch.export based exporter) and return where
+    it lies. A CPU copy is exported: `model` keeps its device, memory format and training mode. An export of the
+    same model already at `path` or at one of `reuse` (its metadata holds the same export_key) is returned instead
+    of exporting again: a rerun, and evaluate_results.py, reuse what compress_model.py exported."""
     model = cpu_copy(model)
+    key = json.loads(json.dumps(export_key(model, image_size)))  # as read back from the metadata
+    for earlier in (path, *reuse):
+        if onnx_file_metadata(earlier, EXPORTED_FROM) == key:
+            return earlier
     x = torch.rand(2, 3, image_size, image_size)
     with atomic_path(path) as tmp, warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (x,), tmp, input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
                           dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}}, dynamo=True,
                           external_data=False)
+        save_onnx_metadata(tmp, {EXPORTED_FROM: key})
     return path
 
 
@@ -99,6 +117,15 @@ def onnx_metadata(model, key):
             except ValueError:
                 return None
     return None
+
+
+def onnx_file_metadata(path, key):
+    """onnx_metadata of the ONNX file at `path`; None when there is none, or it is unreadable."""
+    import onnx
+    try:
+        return onnx_metadata(onnx.load(path), key)
+    except Exception:  # missing, truncated or foreign: as if absent
+        return None
 
 
 def onnx_param_counts(model):

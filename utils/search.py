@@ -137,9 +137,14 @@ class SearchResult:
 Finetune = Callable[[str, str, torch.nn.Module, int, dict], torch.nn.Module]
 
 
+def float_onnx_path(work_dir, name):
+    """Where the search exports the float model of candidate `name` (and of the baseline, "baseline")."""
+    return os.path.join(work_dir, f"{name}_fp32.onnx")
+
+
 def reference_point(teacher, baseline_path, val_acc, ctx):
     """What every candidate is compared with: the baseline checkpoint's bytes, its float ONNX export's latency."""
-    onnx_path = export_onnx(teacher, os.path.join(ctx.work_dir, "baseline_fp32.onnx"))
+    onnx_path = export_onnx(teacher, float_onnx_path(ctx.work_dir, "baseline"))
     return {"name": "baseline", "val_acc": val_acc, "bytes": os.path.getsize(baseline_path),
             "macs": count_macs(teacher), **ort_latency(onnx_path, ctx.x_latency, ctx.timing)}
 
@@ -183,7 +188,7 @@ def measure_candidate(name, model, ctx, int8_drops, max_float_layers, **info):
     entry's fields that say what the candidate is (kind, and arch, level or target)."""
     on_device = model if ctx.device == "cpu" else copy.deepcopy(model).to(ctx.device)
     float_val = model_accuracy(on_device, ctx.val, ctx.device)
-    float_onnx = export_onnx(model, os.path.join(ctx.work_dir, f"{name}_fp32.onnx"))
+    float_onnx = export_onnx(model, float_onnx_path(ctx.work_dir, name))
     int8_path = os.path.join(ctx.work_dir, f"{name}.int8.onnx")
     # already under the floor in float: no fallback can help, plain INT8 is measured for the log
     layers = prunable_layers(model)  # a block left out has no layers to keep in float
