@@ -121,13 +121,31 @@ def stage_speeds(out):
     return speeds
 
 
-def reference_workload(seconds, profile_flags):
-    """Images per second of the reference workload on the run's device (cuda when present unless --DEVICE=cpu)."""
+def run_device(profile_flags):
+    """The run's device: cuda when present unless --DEVICE=cpu."""
+    import torch
+    return "cuda" if torch.cuda.is_available() and "--DEVICE=cpu" not in profile_flags else "cpu"
+
+
+def environment(device):
+    """The versions the run uses and its device, printed first: a lent machine's log says at once what it has."""
+    import importlib.metadata
+    import onnxruntime
+    import torch
+    cuda = device == "cuda"
+    env = {"torch": str(torch.__version__), "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+           "onnxruntime": onnxruntime.__version__, "torch-pruning": importlib.metadata.version("torch-pruning"),
+           "device": torch.cuda.get_device_name(0) if cuda else "cpu", "bf16": cuda and torch.cuda.is_bf16_supported()}
+    print("benchmark: " + ", ".join(f"{name} {value}" for name, value in env.items()), flush=True)
+    return env
+
+
+def reference_workload(seconds, device):
+    """Images per second of the reference workload on the run's device."""
     if seconds <= 0:
         return None
     import torch
     from utils.measure import reference_speed
-    device = "cuda" if torch.cuda.is_available() and "--DEVICE=cpu" not in profile_flags else "cpu"
     speed = reference_speed(seconds, device=device)
     print(f"benchmark: reference workload (stock resnet18 training steps, batch 256, 32x32, {device}, "
           f"{torch.get_num_threads()} threads): {speed:.0f} images/s", flush=True)
@@ -137,12 +155,14 @@ def reference_workload(seconds, profile_flags):
 PROGRESS_FILE = "benchmark_progress.json"  # in OUT_DIR: the run's flags, reference speed, finished scripts' times
 
 
-def start_or_resume(out, argv, own, profile_flags):
-    """The run's progress ({"argv", "reference", "timing", "running", "interrupted"}): a new one (OUT_DIR must
-    not hold a run), or with RESUME the one this script left in OUT_DIR, which must have been started with the same
-    flags; "running" names a script that started and did not finish, which makes the run "interrupted"."""
+def start_or_resume(out, argv, own, device):
+    """The run's progress ({"argv", "environment", "reference", "timing", "running", "interrupted"}): a new one
+    (OUT_DIR must not hold a run), or with RESUME the one this script left in OUT_DIR, which must have been started
+    with the same flags; "running" names a script that started and did not finish, which makes the run
+    "interrupted"."""
     path = os.path.join(out, PROGRESS_FILE)
     run_flags = [a for a in argv if a.partition("=")[0] not in ("--RESUME", "--STOP_AFTER", "--PUBLISH")]
+    env = environment(device)  # printed by every command; a resumed run keeps its first command's
     if own.RESUME and os.path.exists(path):
         with open(path) as f:
             progress = json.load(f)
@@ -159,8 +179,8 @@ def start_or_resume(out, argv, own, profile_flags):
         raise UserError(f"{out} already holds a run{' not started by benchmark.py' if own.RESUME else ''}; "
                         f"the benchmark starts from an empty folder")
     os.makedirs(out, exist_ok=True)
-    progress = {"argv": run_flags, "reference": reference_workload(own.REFERENCE_SECONDS, profile_flags),
-                "timing": {}, "interrupted": False}
+    progress = {"argv": run_flags, "environment": env,
+                "reference": reference_workload(own.REFERENCE_SECONDS, device), "timing": {}, "interrupted": False}
     save_progress(out, progress)
     return progress
 
@@ -197,7 +217,7 @@ def main(argv):
     if own.PUBLISH and os.path.exists(os.path.join(out, "benchmark.json")):
         publish(out, own.PUBLISH)
         return
-    progress = start_or_resume(out, argv, own, routed["train_baseline.py"])
+    progress = start_or_resume(out, argv, own, run_device(routed["train_baseline.py"]))
     if not run_scripts(out, routed, progress, own.STOP_AFTER):
         return
     report(out, argv, progress)
@@ -236,7 +256,7 @@ def report(out, argv, progress):
         print(f"  [{verdict(c)}] {c['target']}")
     write_json(os.path.join(out, "benchmark.json"),
         {"timing": timing, "interrupted": progress["interrupted"], "checks": checks, "profile": profile,
-         "reference_workload": reference,
+         "environment": progress.get("environment"), "reference_workload": reference,
          "stage_speeds": speeds, "command": " ".join([sys.argv[0]] + argv), "commit": git_commit(),
          "DATA_DIR": os.environ.get("DATA_DIR", ""), "host": platform.node(), "results": results}, indent=2)
 

@@ -47,16 +47,12 @@ PY
 fi
 data=$(dirname "$(find "$work/data" -maxdepth 3 -type d -name train | head -n 1)")
 echo "gpu_check $stage: data in $data ($(( $(date +%s) - start ))s)"
-if ! python3 -c 'import torch_pruning' 2>/dev/null; then
+# asked without importing it (an import of torch costs seconds); benchmark.py prints the versions and the device
+if ! python3 -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("torch_pruning") is None)'; then
     python3 -m pip install --quiet --no-index --no-deps --find-links gpu_data/wheels torch-pruning || {
         echo "error: torch_pruning is not installed and gpu_data/wheels has no wheel of it; make it with: pip download torch-pruning==1.6.1 --no-deps -d gpu_data/wheels" >&2
         exit 2; }
 fi
-python3 -c 'import importlib.metadata, torch, onnxruntime
-cuda = torch.cuda.is_available()
-print("gpu_check: torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version(),
-      "onnxruntime", onnxruntime.__version__, "torch-pruning", importlib.metadata.version("torch-pruning"),
-      "device", torch.cuda.get_device_name(0) if cuda else "cpu", "bf16", cuda and torch.cuda.is_bf16_supported())'
 
 case $stage in
     # a few thousand images, two epochs a stage, one step of each walk

@@ -64,7 +64,7 @@ def resumed_full_run(archive, tmp_path_factory):
 def test_the_smoke_stage_runs_all_three_scripts_and_says_what_it_ran_on(smoke_run):
     _, out, stdout = smoke_run
     log = open(out / "smoke" / "gpu_check.log").read()
-    assert "gpu_check: torch" in stdout and "onnxruntime" in stdout and "cudnn" in stdout
+    assert "benchmark: torch" in stdout and "onnxruntime" in stdout and "cudnn" in stdout
     assert "img/s" in log and "AMP_DTYPE" in log and "benchmark: evaluate_results.py took" in log
     assert json.load(open(out / "smoke" / "results.json"))["rows"]
 
@@ -74,6 +74,7 @@ def test_the_full_stage_runs_the_gpu_profile_and_leaves_its_files_in_out(resumed
     bench = json.load(open(out / "full" / "benchmark.json"))
     config = json.load(open(out / "full" / "search.json"))["config"]
     assert (bench["profile"], config["PROFILE"], config["DEVICE"]) == ("gpu", "gpu", "cpu")
+    assert bench["environment"]["device"] == "cpu" and bench["environment"]["torch-pruning"]
     assert (config["AMP_DTYPE"], config["TEACHER_VIEWS"]) == ("bfloat16", 0)
     assert set(bench["stage_speeds"]) == {"baseline", "student", "scratch", "struct1", "sparse1"}
     for name in ("gpu_check.log", "results.md", "training.png", "pareto.png"):
