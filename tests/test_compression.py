@@ -16,6 +16,7 @@ from utils.data import Split
 from utils.prune import (agp_schedule, allocate, blocks, channel_groups, group_sizes, group_widths, magnitude_masks,
                          make_pruning_permanent, prunable_layers, ratio_at, removable, structured_prune,
                          weight_sparsity)
+from utils import sensitivity
 from utils.sensitivity import structured_sensitivity
 from utils import search
 from utils.search import Candidate, SearchContext, choose, quantize_within_budget, score
@@ -165,6 +166,21 @@ def test_the_sensitivity_of_a_removable_group_includes_leaving_its_block_out():
     assert [f for f, _ in curves["layer2"]] == [0.5]
 
 
+def test_unstructured_sensitivity_zeroes_what_magnitude_masks_would_and_leaves_the_model_as_it_was(monkeypatch):
+    model, x = small_model().eval(), torch.rand(4, 3, 32, 32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # in place of accuracy, a number that every weight moves: the drops then show which weights were zeroed
+    logit_sum = lambda m, split, device="cpu": float(m.eval()(x).detach().double().sum())
+    monkeypatch.setattr(sensitivity, "model_accuracy", logit_sum)
+    curves = sensitivity.unstructured_sensitivity(model, None, fractions=(0.5, 0.9))
+    for name in ("conv1", "layer1.1.conv2", "layer2.0.downsample.0", "fc"):
+        for f, drop in curves[name]:
+            masked = copy.deepcopy(model)
+            magnitude_masks(masked, {name: f})
+            assert drop != 0 and drop == logit_sum(model, None) - logit_sum(masked, None), (name, f)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
 def test_unstructured_steps_skip_the_layers_of_a_block_left_out():
     model = structured_prune(tiny_model().eval(), {"layer1.1": 0})
     curves = {name: [(0.5, 0.0), (0.9, 1.0)] for name in prunable_layers(tiny_model())}  # the student's layers
@@ -217,6 +233,19 @@ def test_agp_schedule_is_cubic_and_ends_at_the_target():
     assert steps[-1] == pytest.approx(0.8) and steps == sorted(steps)
     assert steps[0] > 0.8 / 4  # prunes fast early, slowly late
     assert weight_sparsity(tiny_model()) == 0
+
+
+def test_a_walk_prunes_each_step_from_the_last_one_kept_and_stops_at_the_first_outside_the_budget():
+    made = []
+
+    class Steps:  # Search.step without training or measuring: "s3" falls outside the budget
+        def step(self, name, model, parent, epochs, made_from, **info):
+            made.append((name, parent.name, model))
+            return Candidate(log_entry(name=name, within_budget=name != "s3"), model)
+    steps = [search.PruneStep(f"s{k}", lambda model, k=k: (f"{model}>{k}", {}), 1, {}) for k in (1, 2, 3, 4)]
+    kept = search.walk(Steps(), Candidate(log_entry(name="start", within_budget=True), "m"), steps)
+    assert made == [("s1", "start", "m>1"), ("s2", "s1", "m>1>2"), ("s3", "s2", "m>1>2>3")]
+    assert kept.name == "s2"
 
 
 def entry(name, acc, mib, mmacs, b1=1.0, b64=10.0, floor=80.0):

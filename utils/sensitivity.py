@@ -2,14 +2,15 @@
 quantization: one layer (or coupled channel group) changed at a time, the rest left as it is, no
 fine-tuning. The curves pick the per-layer ratios of the search (utils.prune.allocate) and the layers the INT8
 fallback keeps in float. Saved as sensitivity.json, a Markdown table and a PNG plot (utils.plots)."""
-import copy
 import os
 from typing import NamedTuple
+
+import torch
 
 from .checkpoint import cpu_copy
 from .files import scratch_path
 from .measure import model_accuracy, ort_accuracy
-from .prune import group_widths, magnitude_masks, prunable_layers, removable, structured_prune
+from .prune import group_widths, prunable_layers, removable, structured_prune
 from .quantize import layer_nodes, quantize_int8
 
 class Sensitivity(NamedTuple):
@@ -38,16 +39,23 @@ def structured_sensitivity(model, val, fractions=CHANNEL_FRACTIONS, device="cpu"
             for name, width in group_widths(model).items()}
 
 
+@torch.no_grad()
 def unstructured_sensitivity(model, val, fractions=WEIGHT_FRACTIONS, device="cpu"):
-    """{layer: [(fraction of its weights zeroed, val accuracy drop in points)]}; `model` is on `device`."""
+    """{layer: [(fraction of its weights zeroed, val accuracy drop in points)]}: the smallest-|w| weights zeroed
+    as utils.prune.magnitude_masks picks them, in place (no copy of the model per point), each layer's weights put
+    back after its curve; `model` is on `device`, without pruning masks, and ends as it was."""
     base = model_accuracy(model, val, device)
     curves = {}
-    for name in prunable_layers(model):
-        curves[name] = []
+    for name, layer in prunable_layers(model).items():
+        weight = layer.weight
+        kept, curves[name] = weight.detach().clone(), []
+        order = kept.abs().flatten().argsort()
         for f in fractions:
-            pruned = copy.deepcopy(model)
-            magnitude_masks(pruned, {name: f})
-            curves[name].append((f, base - model_accuracy(pruned, val, device)))
+            pruned = kept.flatten().clone()
+            pruned[order[:int(round(f * kept.numel()))]] = 0
+            weight.copy_(pruned.view(kept.shape))
+            curves[name].append((f, base - model_accuracy(model, val, device)))
+        weight.copy_(kept)
     return curves
 
 
