@@ -6,7 +6,7 @@ import json
 import torch
 
 import train_baseline
-from conftest import assert_one_line_error, cli, tiny_data, tiny_model
+from conftest import assert_one_line_error, cli, small_model, tiny_data, tiny_model
 from utils import search as search_module
 from utils import sensitivity as sensitivity_module
 from utils.checkpoint import count_params, cpu_copy
@@ -20,9 +20,10 @@ from utils.sensitivity import sensitivity_analysis
 from utils.train import Stage, TrainRecipe, cross_entropy_objective, fit, sgd_one_cycle, train_one_epoch
 
 
-def live_model():
-    """A model as a training loop holds it: training mode, channels-last, one layer under a pruning mask."""
-    model = tiny_model().train().to(memory_format=torch.channels_last)
+def live_model(make=tiny_model):
+    """A model (of `make`) as a training loop holds it: training mode, channels-last, one layer under a pruning
+    mask."""
+    model = make().train().to(memory_format=torch.channels_last)
     magnitude_masks(model, {"layer1.0.conv1": 0.5})
     return model
 
@@ -69,7 +70,7 @@ def test_accuracy_latency_copies_and_counts_leave_the_model_as_it_was():
 
 
 def test_sensitivity_and_reference_point_leave_the_model_as_it_was(tmp_path):
-    model = live_model()
+    model = live_model(small_model)  # what runs once per layer, on fewer layers
     before = snapshot(model)
     val = Split(*tiny_data(16), ["a", "b", "c", "d"])
     quant = Quantization(tiny_data(16)[0].float() / 255)

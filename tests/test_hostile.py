@@ -2,6 +2,7 @@
 lost or mixed, nothing from the data folder runs, no small file exhausts memory, no silent wrong result, one
 line for every mistake, no leftovers, and the same seeds give the same search."""
 import errno
+import glob
 import json
 import lzma
 import os
@@ -315,10 +316,16 @@ def test_a_flag_without_its_value_is_refused(tmp_path, capsys, monkeypatch):
 
 def test_the_same_seeds_give_the_same_search_in_a_second_run(pipeline, imagefolder, tmp_path, capsys, monkeypatch):
     """The pipeline fixture's search, made after other tests ran in this process, made again from the same baseline
-    in a fresh folder: the same candidates, widths, accuracies and choice."""
+    in a fresh folder: the same candidates, widths, accuracies and choice. The first run's float ONNX exports are
+    there too: an export is reused only for the same spec and bit-identical weights (utils.quantize.export_key), so
+    the second run trains, prunes, quantizes and measures everything again and exports only what differs (the
+    exporter's own determinism: test_benchmark.py, whose two runs export everything)."""
     out = tmp_path / "runs"
     out.mkdir()
     shutil.copy(os.path.join(pipeline, "baseline.pth"), out)
+    os.mkdir(out / "search")
+    for name in glob.glob(os.path.join(pipeline, "search", "*_fp32.onnx")):
+        shutil.copy(name, out / "search")
     assert torch.get_num_threads() == 2, "an earlier test or helper changed the thread count (it changes sums)"
     code, _, err = cli(compress_model.main, [f"--DATA_DIR={imagefolder}", f"--OUT_DIR={out}"] + COMPRESS_FLAGS,
                        capsys, monkeypatch)

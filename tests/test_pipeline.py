@@ -3,9 +3,9 @@ import json
 import os
 
 import onnx
-from onnx import numpy_helper
 import pytest
 import torch
+from onnx import numpy_helper
 
 from utils.checkpoint import load_checkpoint, load_model
 from utils.prune import weight_sparsity
@@ -57,12 +57,16 @@ def test_the_baseline_learns_the_synthetic_classes(pipeline):
     assert results(pipeline)["rows"][0]["accuracy"] > 50
 
 
-def test_int8_onnx_is_smaller_than_the_float_export_as_int8_weights_are(pipeline):
+def initializer_bytes(path):
+    return sum(numpy_helper.to_array(t).nbytes for t in onnx.load(path).graph.initializer)
+
+
+def test_int8_onnx_holds_its_weights_in_about_a_quarter_of_the_float_exports_bytes(pipeline):
     pruned = next(row for row in results(pipeline)["rows"] if row["stage"] == "pruned")
-    int8_path, float_path = os.path.join(pipeline, "int8.onnx"), pruned["onnx_artifact"]
-    # int8 weights: 4x smaller tensors, less the per-channel scales, int32 biases and the graph's own bytes, which
-    # weigh on a tiny model (the more so once pruning left a block out); an fp16 file (at most 2x smaller) fails this
-    assert os.path.getsize(float_path) / os.path.getsize(int8_path) >= 2.2
+    # int8 weights: a quarter of float32's bytes, plus per-channel scales and int32 biases; fp16 weights (half) fail
+    # this. The weights, not the files: a tiny model's file is mostly graph and metadata.
+    ratio = initializer_bytes(pruned["onnx_artifact"]) / initializer_bytes(os.path.join(pipeline, "int8.onnx"))
+    assert ratio >= 3.0
 
 
 def test_evaluate_times_the_float_exports_the_search_made_of_the_same_weights(pipeline):
@@ -95,8 +99,8 @@ STUDENTS = ["student_stride2_24-48-96-192_2", "student_cifar_16-32-64-128_2"]
 def test_the_search_walks_every_step_when_nothing_breaks_the_budget(pipeline):
     names = [c["name"] for c in search_log(pipeline)["candidates"]]
     # a budget of 100 points: both students, every structured and AGP step, the recovery of the first choice
-    assert names[:5] == STUDENTS + ["struct1", "sparse1", "sparse2"]
-    assert len(names) == 6 and names[5].endswith("_ft")
+    assert names[:4] == STUDENTS + ["struct1", "sparse1"]
+    assert len(names) == 5 and names[4].endswith("_ft")
 
 
 def test_the_search_walks_from_the_student_best_by_the_objective(pipeline):
@@ -109,7 +113,7 @@ def test_the_search_walks_from_the_student_best_by_the_objective(pipeline):
 
 def test_sparse_candidates_share_the_latency_of_their_structured_parent(pipeline):
     # same shape, same dense kernels: timed once
-    assert [c["latency_measured_on"] for c in search_log(pipeline)["candidates"]] == STUDENTS + ["struct1"] * 4
+    assert [c["latency_measured_on"] for c in search_log(pipeline)["candidates"]] == STUDENTS + ["struct1"] * 3
 
 
 def test_pruned_pth_is_the_chosen_model_rebuilt_in_its_pruned_shape(pipeline):
