@@ -301,7 +301,7 @@ def sensitivities(student, ctx, cfg):
 
     def compute():
         t0 = time.time()
-        float_onnx = export_onnx(model, float_onnx_path(ctx.work_dir, student.name))  # made when it was measured
+        float_onnx = export_onnx(model, float_onnx_path(ctx.work_dir, student.name))  # its own, from its measuring
         sens = sensitivity_analysis(model, float_onnx, ctx.quant, ctx.val.head(cfg.SENS_IMAGES), cfg.DEVICE)
         atomic_write_text(os.path.join(out, "sensitivity.md"), sensitivity_table(sens))
         plot_sensitivity(sens, os.path.join(out, "sensitivity.png"))

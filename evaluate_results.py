@@ -169,17 +169,22 @@ class Row(Measured):
     gain_over_scratch_ci95: tuple = None
 
 
+def picked_student(search):
+    """search.json's entry of the student the search walked from (student.pth)."""
+    return next(c for c in search["candidates"] if c["kind"] == "student" and c["arch"] == search["student"])
+
+
 def search_exports(search, out):
     """Where compress_model.py's search exported each float stage's model (utils.search.float_onnx_path): the
     baseline, the scratch control, the student it walked from and the chosen model."""
-    student = next(c["name"] for c in search["candidates"] if c["kind"] == "student" and c["arch"] == search["student"])
-    names = {"baseline": "baseline", "scratch": "scratch", "student": student, "pruned": search["chosen"]}
+    names = {"baseline": "baseline", "scratch": "scratch", "student": picked_student(search)["name"],
+             "pruned": search["chosen"]}
     return {stage: float_onnx_path(os.path.join(out, "search"), name) for stage, name in names.items()}
 
 
 def measure_float(art, test, cfg, timing, exported):
     """A .pth float model: accuracy (on DEVICE) and latency in eager PyTorch, and again as its ONNX export in
-    ONNX Runtime (the search's export of it where that is one of these weights: `exported`)."""
+    ONNX Runtime (the search's export `exported` where that was made from the same weights)."""
     onnx_path = export_onnx(art.model, os.path.join(cfg.OUT_DIR, "onnx", f"{art.stage}_fp32.onnx"), reuse=[exported])
     params, nonzero = count_params(art.model)
     x = test.x[:64].float() / 255
@@ -263,7 +268,7 @@ def against_student(rows, search):
     (search.json)."""
     by_stage = {row.stage: row for row in rows}
     student, shipped = by_stage["student_int8"], by_stage["int8"]
-    first = next(c for c in search["candidates"] if c["kind"] == "student" and c["arch"] == search["student"])
+    first = picked_student(search)
     chosen = next(c for c in search["candidates"] if c["name"] == search["chosen"])
     return {"speedup_b1": student.latency_b1_ms / shipped.latency_b1_ms,
             "speedup_b64": student.latency_b64_ms / shipped.latency_b64_ms,
