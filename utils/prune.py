@@ -118,6 +118,16 @@ def structured_prune(model, keep_counts):
     return rebuilt
 
 
+def magnitude_order(weight):
+    """Flat indices of `weight`'s entries, smallest |w| first: the order magnitude pruning removes them in."""
+    return weight.detach().abs().flatten().argsort()
+
+
+def smallest(order, ratio):
+    """The `ratio` fraction of a magnitude_order that magnitude pruning zeroes (rounded to whole weights)."""
+    return order[:int(round(ratio * len(order)))]
+
+
 def magnitude_masks(model, ratios):
     """Mask the ratios[layer] fraction of smallest-|w| weights in each named layer (others untouched).
     Earlier masks are folded in first, so a weight pruned before stays pruned (its |w| is 0)."""
@@ -127,10 +137,8 @@ def magnitude_masks(model, ratios):
         if prune.is_pruned(module):
             prune.remove(module, "weight")
         weight = module.weight.detach()
-        k = int(round(ratio * weight.numel()))
         mask = torch.ones(weight.numel(), device=weight.device)
-        if k > 0:
-            mask[weight.abs().flatten().argsort()[:k]] = 0
+        mask[smallest(magnitude_order(weight), ratio)] = 0
         with torch.no_grad():  # the masked weight is recomputed at every forward; no graph to keep from here
             prune.custom_from_mask(module, "weight", mask.view(weight.shape))
 

@@ -10,7 +10,7 @@ import torch
 from .checkpoint import cpu_copy
 from .files import scratch_path
 from .measure import model_accuracy, ort_accuracy
-from .prune import group_widths, prunable_layers, removable, structured_prune
+from .prune import group_widths, magnitude_order, prunable_layers, removable, smallest, structured_prune
 from .quantize import layer_nodes, quantize_int8
 
 class Sensitivity(NamedTuple):
@@ -41,18 +41,18 @@ def structured_sensitivity(model, val, fractions=CHANNEL_FRACTIONS, device="cpu"
 
 @torch.no_grad()
 def unstructured_sensitivity(model, val, fractions=WEIGHT_FRACTIONS, device="cpu"):
-    """{layer: [(fraction of its weights zeroed, val accuracy drop in points)]}: the smallest-|w| weights zeroed
-    as utils.prune.magnitude_masks picks them, in place (no copy of the model per point), each layer's weights put
+    """{layer: [(fraction of its weights zeroed, val accuracy drop in points)]}: the weights magnitude pruning
+    zeroes (utils.prune.smallest), zeroed in place (no copy of the model per point), each layer's weights put
     back after its curve; `model` is on `device`, without pruning masks, and ends as it was."""
     base = model_accuracy(model, val, device)
     curves = {}
     for name, layer in prunable_layers(model).items():
         weight = layer.weight
         kept, curves[name] = weight.detach().clone(), []
-        order = kept.abs().flatten().argsort()
+        order = magnitude_order(kept)
         for f in fractions:
             pruned = kept.flatten().clone()
-            pruned[order[:int(round(f * kept.numel()))]] = 0
+            pruned[smallest(order, f)] = 0
             weight.copy_(pruned.view(kept.shape))
             curves[name].append((f, base - model_accuracy(model, val, device)))
         weight.copy_(kept)
