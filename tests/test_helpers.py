@@ -134,7 +134,7 @@ def recorded_devices(monkeypatch, module):
 
 def test_candidates_and_the_sensitivity_analysis_are_measured_on_the_training_device(tmp_path, monkeypatch):
     """'cpu:0' stands for a GPU here: a helper that ignored the training device would measure on plain 'cpu'."""
-    model, val = cpu_copy(tiny_model()), Split(*tiny_data(32, 1), ["a", "b", "c", "d"])
+    model, val = cpu_copy(small_model()), Split(*tiny_data(32, 1), ["a", "b", "c", "d"])
     quant = Quantization(tiny_data(16)[0].float() / 255)
     ctx = SearchContext(val=val, base_correct=torch.ones(32, dtype=torch.bool), max_drop=100.0, quant=quant,
                         timing=Timing(threads=1, runs_b1=2, runs_b64=1, warmup=1), x_latency=torch.rand(4, 3, 32, 32),
