@@ -97,7 +97,7 @@ MAX_FLOAT_LAYERS = 4         # INT8 fallback: most layers kept in float (most IN
 LATENCY_THREADS = 1          # ONNX Runtime threads when timing candidates (as evaluate_results.py's THREADS)
 LATENCY_RUNS = 100           # timed batch-1 runs per candidate (batch 64: a tenth)
 CHANNELS_LAST = True         # channels-last memory format while training
-AMP_DTYPE = "float32"        # float32 | bfloat16: autocast dtype of training (decisions are always float32)
+AMP_DTYPE = "float32"        # float32 | bfloat16: autocast dtype of each training step (decisions are always float32)
 SEED = 0                     # seed of initialisation, batch order and the calibration images
 # -----------------------------------------------------------------------------------------------
 PROFILES = {"cpu": {}, "gpu": {"STUDENTS": "resnet20_w32,resnet18_cifar_w32", "KD_EPOCHS": 40, "TEACHER_VIEWS": 0,
@@ -235,7 +235,7 @@ def cached_teacher(teacher, train, cfg):
               flush=True)
         return {"logits": logits}
     path = os.path.join(cfg.OUT_DIR, "teacher_logits.pt")
-    return cache_or_compute(path, key, compute, "teacher logits")["logits"]
+    return cache_or_compute(path, key, compute, "teacher logits")["logits"].to(cfg.DEVICE)  # read by every step
 
 
 def student_path(cfg, name):

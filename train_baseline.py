@@ -40,7 +40,7 @@ WHITEN_IMAGES = 5000         # training images whose patches the whitening is co
 VAL_SIZE = 5000              # training images held out for validation (all choices; the test split only reports)
 TRAIN_SUBSET = 0             # train on the first N images of the training split only (0 = all); for quick tries
 CHANNELS_LAST = True         # channels-last memory format (faster convolutions on CPU and GPU)
-AMP_DTYPE = "float32"        # float32 | bfloat16: autocast dtype of training (bf16 is slow on most CPUs)
+AMP_DTYPE = "float32"        # float32 | bfloat16: autocast dtype of each training step (validation stays float32)
 SEED = 0                     # seed of the validation split, initialisation and batch order
 # -----------------------------------------------------------------------------------------------
 PROFILES = {"cpu": {}, "gpu": {"ARCH": "resnet18_cifar", "EPOCHS": 40, "BATCH_SIZE": 512, "LR": 0.4,

@@ -59,7 +59,6 @@ def test_accuracy_latency_copies_and_counts_leave_the_model_as_it_was():
     before = snapshot(model)
     val = Split(*tiny_data(24), ["a", "b", "c", "d"])
     model_accuracy(model, val)
-    model_accuracy(model, val, amp_dtype="bfloat16")
     eager_latency(model, torch.rand(64, 3, 32, 32), Timing(threads=1, runs_b1=2, runs_b64=1, warmup=1))
     cpu_copy(model)
     count_params(model)

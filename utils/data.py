@@ -186,8 +186,8 @@ def train_val_split(train, val_size, seed, subset=0):
 
 
 class Batch(NamedTuple):
-    """One training or evaluation batch: images (float in [0, 1], on the device), labels, the images' positions in
-    their split (CPU) and which fixed augmentation view they show (-1: a fresh random one, or none)."""
+    """One training or evaluation batch: images (float in [0, 1]), labels and the images' positions in their split,
+    all on the device, and which fixed augmentation view they show (-1: a fresh random one, or none)."""
     x: torch.Tensor
     y: torch.Tensor
     idx: torch.Tensor
@@ -207,10 +207,10 @@ def random_flips(n, generator):
 
 
 def apply_augment(x, params):
-    """Pad-4 crop at the offsets and horizontal flip of `params` (augment_params) on a float batch (N, C, H, W),
-    as tensor ops on x's device."""
+    """Pad-4 crop at the offsets and horizontal flip of `params` (augment_params, on x's device) on a float batch
+    (N, C, H, W), as tensor ops on x's device."""
     n, c, h, w = x.shape
-    dy, dx, flip = (p.to(x.device) for p in params)
+    dy, dx, flip = params
     padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
     rows = (torch.arange(h, device=x.device).view(1, h, 1) + dy.view(n, 1, 1)).expand(n, h, w)
     cols = (torch.arange(w, device=x.device).view(1, 1, w) + dx.view(n, 1, 1)).expand(n, h, w)
@@ -240,19 +240,32 @@ def _to(t, device):
 
 def batches(x, y, batch_size, device, shuffle=False, train=False, generator=None, channels_last=False, view=None):
     """Yield Batches on `device`; with train=True shuffled, augmented, last partial dropped. view: (index, (3, N)
-    params) of a fixed augmentation view for every image (fixed_views), instead of fresh random ones."""
+    params) of a fixed augmentation view for every image (fixed_views), instead of fresh random ones.
+
+    The epoch's order and augmentation parameters are drawn up front, from the generator in the order drawing
+    them batch by batch would use (the order, then each batch's crops and flips: the same batches for the same
+    seed), and copied to the device once: a GPU never waits for a small copy from the host between steps."""
     order = torch.randperm(len(x), generator=generator) if shuffle else torch.arange(len(x))
     stop = len(x) - len(x) % batch_size if train and len(x) >= batch_size else len(x)
+    order = order[:stop]
+    if view is not None:
+        params = view[1][:, order]
+    elif train:
+        params = torch.cat([augment_params(min(batch_size, stop - i), generator)
+                            for i in range(0, stop, batch_size)], dim=1)
+    else:
+        params = None
+    positions = _to(order, device)
+    at_images = positions if positions.device == x.device else _to(order, x.device)  # labels lie with the images
+    params = None if params is None else _to(params, device)
     for i in range(0, stop, batch_size):
-        idx = order[i:i + batch_size]
-        xb = _to(x[idx.to(x.device)], device).float().div_(255)
-        if view is not None:
-            xb = apply_augment(xb, view[1][:, idx])
-        elif train:
-            xb = apply_augment(xb, augment_params(len(xb), generator))
+        rows = slice(i, i + batch_size)
+        xb = _to(x[at_images[rows]], device).float().div_(255)
+        if params is not None:
+            xb = apply_augment(xb, params[:, rows])
         if channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
-        yield Batch(xb, _to(y[idx.to(y.device)], device), idx, -1 if view is None else view[0])
+        yield Batch(xb, _to(y[at_images[rows]], device), positions[rows], -1 if view is None else view[0])
 
 
 def num_batches(n, batch_size, train):

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .data import batches
-from .device import autocast, exact_float32, torch_threads
+from .device import exact_float32, torch_threads
 
 
 @dataclass
@@ -72,23 +72,23 @@ def percent(correct):
     return 100.0 * correct.sum().item() / len(correct)
 
 
-def model_correct(model, split, device="cpu", batch_size=500, amp_dtype="float32"):
+def model_correct(model, split, device="cpu", batch_size=500):
     """Per-image correctness of an eager model on split (x, y, ...), on `device` (where the model is), in eval
-    mode. amp_dtype 'float32' is exact float32 on every device (decisions); 'bfloat16' shows what training sees."""
+    mode, in exact float32 on every device (no autocast, no TF32): every accuracy the pipeline records or
+    decides on is measured alike, whatever precision the model trains in."""
     weight = next(model.parameters(), None)
     channels_last = weight is not None and weight.dim() == 4 and not weight.is_contiguous()
-    precision = exact_float32() if amp_dtype == "float32" else contextlib.nullcontext()
 
     def predict(xb):
-        with autocast(device, amp_dtype):
+        with torch.autocast(torch.device(device).type, enabled=False):
             return model(xb.contiguous(memory_format=torch.channels_last) if channels_last else xb).float()
-    with evaluating(model), precision:
+    with evaluating(model), exact_float32():
         return predict_correct(predict, split[0], split[1], batch_size, device)
 
 
-def model_accuracy(model, split, device="cpu", batch_size=500, amp_dtype="float32"):
+def model_accuracy(model, split, device="cpu", batch_size=500):
     """Top-1 accuracy (%) of an eager model (see model_correct)."""
-    return percent(model_correct(model, split, device, batch_size, amp_dtype))
+    return percent(model_correct(model, split, device, batch_size))
 
 
 def ort_correct(model, split, batch_size=500):

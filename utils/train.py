@@ -86,10 +86,12 @@ def kd_loss(student_logits, teacher_logits, targets, temperature, alpha):
 
 @torch.no_grad()
 def teacher_outputs(teacher, x, flip=False):
-    """The teacher's float32 logits on batch x; flip: the mean of its logits on x and on x mirrored left to right
-    (test-time augmentation of the teacher only: softer, more accurate targets; the student runs as it is)."""
-    logits = teacher(x).float()
-    return (logits + teacher(x.flip(3)).float()) / 2 if flip else logits
+    """The teacher's float32 logits on batch x, computed in float32 also inside a training step's autocast; flip:
+    the mean of its logits on x and on x mirrored left to right (test-time augmentation of the teacher only:
+    softer, more accurate targets; the student runs as it is)."""
+    with torch.autocast(x.device.type, enabled=False):
+        logits = teacher(x).float()
+        return (logits + teacher(x.flip(3)).float()) / 2 if flip else logits
 
 
 def teacher_logits(teacher, train, views, device, batch_size=500, channels_last=False, flip=False):
@@ -106,11 +108,12 @@ def teacher_logits(teacher, train, views, device, batch_size=500, channels_last=
 
 def distillation_objective(teacher, temperature, alpha, cached=None, flip=False):
     """KD loss against `teacher`, which must be in eval mode on the training device (it is not changed here).
-    cached: its logits on the fixed views (teacher_logits), read instead of running it on batches showing one;
-    flip: the teacher's targets averaged with its logits on the mirrored batch (teacher_outputs)."""
+    cached: its logits on the fixed views (teacher_logits) on the training device, read instead of running it on
+    batches showing one; flip: the teacher's targets averaged with its logits on the mirrored batch
+    (teacher_outputs)."""
     def objective(model, batch):
         if cached is not None and batch.view >= 0:
-            logits = cached[batch.view, batch.idx].to(batch.x.device)
+            logits = cached[batch.view, batch.idx]
         else:
             logits = teacher_outputs(teacher, batch.x, flip)
         return kd_loss(model(batch.x), logits, batch.y, temperature, alpha)
@@ -161,15 +164,20 @@ class Lookahead:
 BAR_EVERY = 20  # steps between progress-bar loss updates: each reads the loss from the device (a sync on a GPU)
 
 
-def train_one_epoch(model, objective, optimizer, scheduler, loader, total, desc, lookahead=None):
-    """One pass over `loader`; returns the mean training loss. The loss is summed where it is computed (float64,
-    the same sums as adding each step's value on the CPU) and read once at the end, and every BAR_EVERY steps
-    for the bar: a GPU is not made to wait for the host after every step."""
+def train_one_epoch(model, objective, optimizer, scheduler, loader, total, desc, lookahead=None, device="cpu",
+                    amp_dtype="float32"):
+    """One pass over `loader`; returns the mean training loss. Each step's forward pass and loss run in their own
+    autocast region (amp_dtype on `device`): autocast keeps its low-precision copies of the weights until the
+    outermost region ends, so a region around the whole epoch would run every step on the epoch's first weights.
+    The loss is summed where it is computed (float64, the same sums as adding each step's value on the CPU) and
+    read once at the end, and every BAR_EVERY steps for the bar: a GPU is not made to wait for the host after
+    every step."""
     model.train()
     running, seen = None, 0
     bar = tqdm(loader, total=total, desc=desc, unit="batch", leave=False, mininterval=1.0)
     for i, batch in enumerate(bar, 1):
-        loss = objective(model, batch)
+        with autocast(device, amp_dtype):
+            loss = objective(model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -242,11 +250,12 @@ def fit(model, objective, recipe, train, val, stage):
         loader = batches(train[0], train[1], recipe.batch_size, stage.device, shuffle=True, train=True,
                          generator=gen, channels_last=recipe.channels_last, view=view)
         lr = scheduler.get_last_lr()[0]
-        with autocast(stage.device, recipe.amp_dtype), cudnn_autotune(stage.device):
+        with cudnn_autotune(stage.device):
             loss = train_one_epoch(model, objective, optimizer, scheduler, loader, steps,
-                                   f"{stage.label} {epoch + 1}/{recipe.epochs}", lookahead)
+                                   f"{stage.label} {epoch + 1}/{recipe.epochs}", lookahead, stage.device,
+                                   recipe.amp_dtype)
         train_s = time.time() - t0
-        val_acc = model_accuracy(model, val, stage.device, max(recipe.batch_size, 256), recipe.amp_dtype)
+        val_acc = model_accuracy(model, val, stage.device, max(recipe.batch_size, 256))  # exact float32, as decided
         record = {"epoch": epoch + 1, "loss": loss, "val_accuracy": val_acc, "seconds": time.time() - t0}
         progress = Progress(epoch + 1, recipe.epochs, progress.history + [record])
         write_checkpoint(stage.path, meta, model, progress, optimizer, scheduler)
