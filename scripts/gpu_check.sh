@@ -17,7 +17,11 @@
 # ImageFolder layout); GPU_CHECK_WORK (default gpu_work/, ignored by git: the unpacked data and each stage's run
 # folder, kept between commands so that `full` resumes); GPU_CHECK_FLAGS (extra flags for benchmark.py, e.g.
 # "--DEVICE=cpu --EPOCHS=1" to try a stage without a GPU, as the tests do); OUT (default gpu_check/: each
-# stage's log and result files, copied there while it runs, so a killed command still leaves them).
+# stage's log and result files, copied there while it runs, so a killed command still leaves them); PYTHON (default
+# python3: the interpreter that runs every Python step, e.g. venv/bin/python when the venv is not activated).
+#
+# The smoke stage then checks that training learned (scripts/check_learning.py: each fresh stage's loss falls and
+# its validation accuracy ends above twice chance) and fails loudly when it did not.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stage=${1:-}
@@ -25,6 +29,7 @@ if [ "$stage" != smoke ] && [ "$stage" != full ]; then
     echo "usage: bash scripts/gpu_check.sh smoke|full" >&2
     exit 2
 fi
+python=${PYTHON:-python3}
 archive=${GPU_CHECK_ARCHIVE:-gpu_data/cifar10.tar.xz}
 work=${GPU_CHECK_WORK:-gpu_work}
 dest=${OUT:-gpu_check}/$stage
@@ -38,7 +43,7 @@ if [ ! -f "$work/data/.unpacked" ]; then
         exit 2
     fi
     rm -rf "$work/data"
-    python3 - "$archive" "$work/data" <<'PY'
+    "$python" - "$archive" "$work/data" <<'PY'
 import sys, tarfile
 with tarfile.open(sys.argv[1]) as tar:  # any compression tarfile reads, .tar.xz included
     tar.extractall(sys.argv[2], filter="data") if hasattr(tarfile, "data_filter") else tar.extractall(sys.argv[2])
@@ -48,15 +53,15 @@ fi
 data=$(dirname "$(find "$work/data" -maxdepth 3 -type d -name train | head -n 1)")
 echo "gpu_check $stage: data in $data ($(( $(date +%s) - start ))s)"
 # asked without importing it (an import of torch costs seconds); benchmark.py prints the versions and the device
-if ! python3 -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("torch_pruning") is None)'; then
-    python3 -m pip install --quiet --no-index --no-deps --find-links gpu_data/wheels torch-pruning || {
+if ! "$python" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("torch_pruning") is None)'; then
+    "$python" -m pip install --quiet --no-index --no-deps --find-links gpu_data/wheels torch-pruning || {
         echo "error: torch_pruning is not installed and gpu_data/wheels has no wheel of it; make it with: pip download torch-pruning==1.6.1 --no-deps -d gpu_data/wheels" >&2
         exit 2; }
 fi
 
 case $stage in
-    # a few thousand images, two epochs a stage, one step of each walk
-    smoke) flags=(--PROFILE=gpu --REFERENCE_SECONDS=5 --TRAIN_SUBSET=4000 --EPOCHS=2 --KD_EPOCHS=2
+    # 20,000 images (about 40 steps an epoch: enough to see learning), two epochs a stage, one step of each walk
+    smoke) flags=(--PROFILE=gpu --REFERENCE_SECONDS=5 --TRAIN_SUBSET=20000 --EPOCHS=2 --KD_EPOCHS=2
                   --STRUCT_STEPS=1 --STRUCT_EPOCHS=1 --AGP_STEPS=1 --AGP_EPOCHS=1 --FINAL_EPOCHS=1
                   --SENS_IMAGES=500 --LATENCY_RUNS=20 --RUNS_B1=100 --RUNS_B64=5 --MAX_ACC_DROP=100)
            rm -rf "$runs" ;;  # from scratch every time: it is short
@@ -75,7 +80,7 @@ copy_results() {  # what the run has written so far, into $dest
 status=0
 if [ ! -f "$runs/benchmark.json" ]; then
     # shellcheck disable=SC2086  # GPU_CHECK_FLAGS is a list of flags
-    DATA_DIR="$data" PYTHONUNBUFFERED=1 python3 benchmark.py "${flags[@]}" --OUT_DIR="$runs" ${GPU_CHECK_FLAGS:-} \
+    DATA_DIR="$data" PYTHONUNBUFFERED=1 "$python" benchmark.py "${flags[@]}" --OUT_DIR="$runs" ${GPU_CHECK_FLAGS:-} \
         > >(tee -a "$dest/gpu_check.log") 2>&1 &
     pid=$!
     # a time-out's TERM stops the scripts too (benchmark.py's children), so a rerun does not meet them running
@@ -89,5 +94,9 @@ if [ ! -f "$runs/benchmark.json" ]; then
     wait "$pid" || status=$?
 fi
 copy_results
+if [ "$stage" = smoke ] && [ "$status" -eq 0 ]; then  # the GPU profile must learn, not only run
+    "$python" scripts/check_learning.py "$runs" "$(find "$data/train" -mindepth 1 -maxdepth 1 -type d | wc -l)" \
+        2>&1 | tee -a "$dest/gpu_check.log" || status=$?
+fi
 echo "gpu_check $stage: exit status $status after $(( $(date +%s) - start ))s; files in $dest"
 exit "$status"

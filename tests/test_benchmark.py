@@ -17,8 +17,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # with them the smoke and the full stage run the same constants, so the smoke stage is also the uninterrupted
 # run that a stopped and resumed full stage must match. The stride-2 baseline at half width in place of the GPU
 # profile's CIFAR-stem one: the same code path, a sixteenth of the MACs.
-SHORT = ["--EPOCHS=1", "--KD_EPOCHS=1", "--AGP_STEPS=1", "--FINAL_EPOCHS=0", "--STUDENTS=cifar:8-16-32-64:1",
-         "--TRAIN_SUBSET=4000", "--ARCH=resnet_s2_w32"]
+# Two epochs at a learning rate that learns the tiny data in them: the smoke stage checks that the loss falls.
+SHORT = ["--EPOCHS=2", "--KD_EPOCHS=2", "--LR=0.05", "--KD_LR=0.05", "--AGP_STEPS=1", "--FINAL_EPOCHS=0",
+         "--STUDENTS=cifar:8-16-32-64:1", "--TRAIN_SUBSET=4000", "--ARCH=resnet_s2_w32"]
 TINY = ["--DEVICE=cpu", "--REFERENCE_SECONDS=0.5"] + TRAIN_FLAGS[:-1] + COMPRESS_FLAGS[:-1] + EVAL_FLAGS + SHORT
 # search.json entries that do not depend on timing or on the run's folder
 SEARCH_KEYS = ("name", "widths", "mids", "float_val_acc", "val_acc", "drop_bound", "bytes", "onnx_bytes", "sparsity",
@@ -36,7 +37,7 @@ def archive(imagefolder, tmp_path_factory):
 
 def gpu_check(stage, archive, work, out, extra=()):
     env = {**os.environ, "GPU_CHECK_ARCHIVE": str(archive), "GPU_CHECK_WORK": str(work), "OUT": str(out),
-           "GPU_CHECK_FLAGS": " ".join(TINY + list(extra))}
+           "GPU_CHECK_FLAGS": " ".join(TINY + list(extra)), "PYTHON": sys.executable}  # this venv's, not PATH's
     proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh"), stage], env=env,
                           capture_output=True, text=True, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -67,6 +68,14 @@ def test_the_smoke_stage_runs_all_three_scripts_and_says_what_it_ran_on(smoke_ru
     assert "benchmark: torch" in stdout and "onnxruntime" in stdout and "cudnn" in stdout
     assert "img/s" in log and "AMP_DTYPE" in log and "benchmark: evaluate_results.py took" in log
     assert json.load(open(out / "smoke" / "results.json"))["rows"]
+
+
+def test_the_smoke_stage_shows_that_every_fresh_stage_learned(smoke_run):
+    _, out, _ = smoke_run
+    log = open(out / "smoke" / "gpu_check.log").read()
+    checked = [line for line in log.splitlines() if line.startswith("learning check: ")]
+    assert {line.split()[3] for line in checked} == {"baseline:", "student:", "scratch:"}, checked
+    assert all(line.split()[2] == "ok" for line in checked), checked
 
 
 def test_the_full_stage_runs_the_gpu_profile_and_leaves_its_files_in_out(resumed_full_run):
