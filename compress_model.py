@@ -37,6 +37,7 @@ from utils.checkpoint import (ARTIFACTS, CONTROL, Progress, clean_state_dict, co
 from utils.config import UserError, check_choice, check_range, config_type, configure, run_cli
 from utils.data import Split, fixed_views, load_dataset, train_val_split
 from utils.device import check_amp_dtype, pick_device
+from utils.dist import data_parallel, follow, ranks_working, share_splits
 from utils.files import ArtifactSet, atomic_write_text, cache_or_compute, file_digest, new_run_id, out_dir_lock, \
     write_json
 from utils.measure import Timing, eager_latency, model_accuracy, model_correct, percent
@@ -98,6 +99,8 @@ LATENCY_THREADS = 1          # ONNX Runtime threads when timing candidates (as e
 LATENCY_RUNS = 100           # timed batch-1 runs per candidate (batch 64: a tenth)
 CHANNELS_LAST = True         # channels-last memory format while training
 AMP_DTYPE = "float32"        # float32 | bfloat16: autocast dtype of each training step (decisions are always float32)
+RANKS = "auto"               # auto | N: data-parallel processes for every training stage (auto: one per CPU core,
+                             # or per GPU); rank 0 alone measures and writes; env RANKS too
 SEED = 0                     # seed of initialisation, batch order and the calibration images
 # -----------------------------------------------------------------------------------------------
 PROFILES = {"cpu": {}, "gpu": {"STUDENTS": "resnet20_w32,resnet18_cifar_w32", "KD_EPOCHS": 40, "TEACHER_VIEWS": 0,
@@ -196,15 +199,14 @@ class Distiller:
 
 
 def load_splits(cfg, teacher):
-    """The baseline's own train/validation split (its VAL_SIZE, SEED and TRAIN_SUBSET), training images on the
-    device; the data's classes must be the ones the baseline was trained on."""
+    """The baseline's own train/validation split (its VAL_SIZE, SEED and TRAIN_SUBSET), on the CPU; the data's
+    classes must be the ones the baseline was trained on."""
     data = load_dataset(cfg.DATA_DIR, cfg.DOWNLOAD, cfg.OUT_DIR)
     if data["train"].classes != teacher.classes:
         raise UserError(f"{teacher.path} was trained on the classes {teacher.classes}, but {cfg.DATA_DIR} holds "
                         f"{data['train'].classes}: use the data it was trained on, or train a new baseline")
     base = teacher.ckpt["config"]
-    train, val = train_val_split(data["train"], base["VAL_SIZE"], base["SEED"], base.get("TRAIN_SUBSET", 0))
-    return train.to(cfg.DEVICE), val
+    return train_val_split(data["train"], base["VAL_SIZE"], base["SEED"], base.get("TRAIN_SUBSET", 0))
 
 
 def baseline_on_val(teacher, val, cfg):
@@ -410,12 +412,20 @@ def write_artifacts(result, student, control, dynamic, teacher, ctx, cfg, second
 
 
 def main(argv):
-    cfg = configure(Config, "compress_model", argv, check_config, PROFILES, pick_device)
+    cfg = configure(Config, "compress_model", argv, check_config, PROFILES, pick_device, show=False)
+    # Data parallelism: a plain start with RANKS above 1 launches the ranks and waits for them here
+    started = data_parallel(cfg, __file__, argv, cfg.BATCH_SIZE)
+    if started is None:
+        return
+    cfg, layout = started
+    if not layout.writer:  # a follower: trains its share of every stage rank 0 runs, computes its teacher logits
+        return follow(lambda train, val: (train.to(cfg.DEVICE), val))
     torch.manual_seed(cfg.SEED)
-    with out_dir_lock(cfg.OUT_DIR, "compress_model.py"):
+    with out_dir_lock(cfg.OUT_DIR, "compress_model.py"), ranks_working(layout):
         t_start = time.time()
         teacher = Teacher(cfg)
-        train, val = load_splits(cfg, teacher)
+        train, val = share_splits(load_splits(cfg, teacher))
+        train = train.to(cfg.DEVICE)
         base_correct = baseline_on_val(teacher, val, cfg)
         kd = distillation_objective(teacher.model, cfg.KD_TEMPERATURE, cfg.KD_ALPHA,
                                     cached_teacher(teacher, train, cfg), cfg.TEACHER_FLIP)

@@ -14,6 +14,7 @@ from utils.checkpoint import ARTIFACTS, versions
 from utils.config import UserError, check_choice, check_range, config_type, configure, run_cli
 from utils.data import load_dataset, train_val_split
 from utils.device import check_amp_dtype, pick_device
+from utils.dist import data_parallel, follow, ranks_working, share_splits
 from utils.files import out_dir_lock
 from utils.measure import model_accuracy
 from utils.models import ARCHS, ResNet, whiten_stem, zero_init_residual
@@ -41,6 +42,7 @@ VAL_SIZE = 5000              # training images held out for validation (all choi
 TRAIN_SUBSET = 0             # train on the first N images of the training split only (0 = all); for quick tries
 CHANNELS_LAST = True         # channels-last memory format (faster convolutions on CPU and GPU)
 AMP_DTYPE = "float32"        # float32 | bfloat16: autocast dtype of each training step (validation stays float32)
+RANKS = "auto"               # auto | N: data-parallel processes (auto: one per CPU core, or per GPU); env RANKS too
 SEED = 0                     # seed of the validation split, initialisation and batch order
 # -----------------------------------------------------------------------------------------------
 PROFILES = {"cpu": {}, "gpu": {"ARCH": "resnet18_cifar", "EPOCHS": 40, "BATCH_SIZE": 512, "LR": 0.4,
@@ -63,14 +65,14 @@ def check_config(cfg):
 
 
 def load_splits(cfg):
-    """Images decoded once into uint8 tensors; a validation split held out of train; both on the device."""
+    """Images decoded once into uint8 tensors; a validation split held out of train; both on the CPU."""
     data = load_dataset(cfg.DATA_DIR, cfg.DOWNLOAD, cfg.OUT_DIR)
     train, val = train_val_split(data["train"], cfg.VAL_SIZE, cfg.SEED, cfg.TRAIN_SUBSET)
     print(f"data: {len(train.x)} train, {len(val.x)} validation, {len(data['test'].x)} test images, "
           f"{len(train.classes)} classes")
     if len(train.x) < cfg.BATCH_SIZE:
         raise UserError(f"BATCH_SIZE={cfg.BATCH_SIZE} is larger than the {len(train.x)} training images")
-    return train.to(cfg.DEVICE), val.to(cfg.DEVICE)
+    return train, val
 
 
 def build(cfg, train):
@@ -87,10 +89,17 @@ def build(cfg, train):
 
 def main(argv):
     # Constants: defaults < device profile < environment < flags; printed, and stored in the checkpoint
-    cfg = configure(Config, "train_baseline", argv, check_config, PROFILES, pick_device)
+    cfg = configure(Config, "train_baseline", argv, check_config, PROFILES, pick_device, show=False)
+    # Data parallelism: a plain start with RANKS above 1 launches the ranks and waits for them here
+    started = data_parallel(cfg, __file__, argv, cfg.BATCH_SIZE)
+    if started is None:
+        return
+    cfg, layout = started
+    if not layout.writer:  # a follower: trains its share of every stage rank 0 runs
+        return follow(lambda train, val: (train.to(cfg.DEVICE), val.to(cfg.DEVICE)))
     torch.manual_seed(cfg.SEED)
-    with out_dir_lock(cfg.OUT_DIR, "train_baseline.py"):
-        train, val = load_splits(cfg)
+    with out_dir_lock(cfg.OUT_DIR, "train_baseline.py"), ranks_working(layout):
+        train, val = (split.to(cfg.DEVICE) for split in share_splits(load_splits(cfg)))
         model, recipe = build(cfg, train)
         # Train (resumes an unfinished OUT_DIR/baseline.pth), checkpointing every epoch
         path = os.path.join(cfg.OUT_DIR, ARTIFACTS["baseline"])

@@ -19,6 +19,9 @@ from utils.search import Entry  # noqa: E402
 # One fixed thread count for every test: float sums (and so the tiny search's choices) depend on it, and the same
 # seeds must give the same results on every run, whatever ran before in this process.
 torch.set_num_threads(2)
+# One process per script, as the tests call the scripts' main() in this one (a plain start's RANKS=auto would
+# launch a rank per core); the data-parallel tests ask for their ranks with --RANKS or torchrun.
+os.environ["RANKS"] = "1"
 
 CLASSES = ["red", "green", "blue", "grey"]
 
@@ -140,7 +143,7 @@ def pipeline(imagefolder, tmp_path_factory):
 
 
 # Fixtures that run the tiny pipeline (or benchmark.py / gpu_check.sh): a test using one is in the slow tier.
-SLOW_FIXTURES = {"pipeline", "smoke_run", "resumed_full_run", "archive"}
+SLOW_FIXTURES = {"pipeline", "smoke_run", "resumed_full_run", "archive", "torchrun_run"}
 
 
 def pytest_collection_modifyitems(items):

@@ -4,6 +4,7 @@ from those above it):
 config       constants at the top of each script, --NAME=VALUE flags, one-line errors
 files        atomic writes, the artifact set of a run, the OUT_DIR lock, leftovers of killed runs
 device       the device, autocast, exact float32, thread counts (each restored after its block)
+dist         data parallelism: the layout of ranks, launching them, rank 0's jobs run by every rank
 data         CIFAR-10 / ImageFolder decoded once and cached; the one train/validation split; batches
 models       the ResNet family (stems, widths, per-block inner widths) rebuilt from a spec
 checkpoint   self-describing checkpoints, plain CPU copies, parameter counts

@@ -136,7 +136,7 @@ def print_config(title, cfg):
         print(f"  {k:<22} {json.dumps(v)}")
 
 
-def resolve_config(defaults, argv, profiles=None, pick_device=None, env=("DATA_DIR",)):
+def resolve_config(defaults, argv, profiles=None, pick_device=None, env=("DATA_DIR", "RANKS")):
     """defaults < the device profile's values < environment (for the names in `env`) < flags.
 
     Where defaults hold PROFILE (auto | cpu | gpu) and DEVICE (auto | cpu | cuda), 'auto' picks the GPU
@@ -158,11 +158,13 @@ def resolve_config(defaults, argv, profiles=None, pick_device=None, env=("DATA_D
     return cfg
 
 
-def configure(config_cls, title, argv, check, profiles=None, pick_device=None):
+def configure(config_cls, title, argv, check, profiles=None, pick_device=None, show=True):
     """The run's configuration: an instance of the script's config_cls (config_type) with the constants resolved
-    (resolve_config), checked by check(cfg) and printed: what each script does first."""
+    (resolve_config), checked by check(cfg) and printed (show=False: by the caller, once its layout of ranks is
+    known: utils.dist.data_parallel): what each script does first."""
     defaults = config_defaults(config_cls)
     cfg = config_cls(**resolve_config(defaults, argv, profiles or {}, pick_device))
     check(cfg)
-    print_config(f"{title} ({cfg.PROFILE} profile)" if "PROFILE" in defaults else title, dataclasses.asdict(cfg))
+    if show:
+        print_config(f"{title} ({cfg.PROFILE} profile)" if "PROFILE" in defaults else title, dataclasses.asdict(cfg))
     return cfg

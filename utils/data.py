@@ -238,9 +238,12 @@ def _to(t, device):
     return t.to(device, non_blocking=torch.device(device).type == "cuda")
 
 
-def batches(x, y, batch_size, device, shuffle=False, train=False, generator=None, channels_last=False, view=None):
+def batches(x, y, batch_size, device, shuffle=False, train=False, generator=None, channels_last=False, view=None,
+            shard=(0, 1)):
     """Yield Batches on `device`; with train=True shuffled, augmented, last partial dropped. view: (index, (3, N)
-    params) of a fixed augmentation view for every image (fixed_views), instead of fresh random ones.
+    params) of a fixed augmentation view for every image (fixed_views), instead of fresh random ones. shard:
+    (rank, ranks): of every batch of `batch_size` images (which `ranks` divides), the rank's contiguous share
+    (data parallelism: the same images and augmentations as one process, split).
 
     The epoch's order and augmentation parameters are drawn up front, from the generator in the order drawing
     them batch by batch would use (the order, then each batch's crops and flips: the same batches for the same
@@ -258,8 +261,10 @@ def batches(x, y, batch_size, device, shuffle=False, train=False, generator=None
     positions = _to(order, device)
     at_images = positions if positions.device == x.device else _to(order, x.device)  # labels lie with the images
     params = None if params is None else _to(params, device)
+    rank, ranks = shard
+    share = batch_size // ranks
     for i in range(0, stop, batch_size):
-        rows = slice(i, i + batch_size)
+        rows = slice(i + rank * share, min(i + (rank + 1) * share, stop))
         xb = _to(x[at_images[rows]], device).float().div_(255)
         if params is not None:
             xb = apply_augment(xb, params[:, rows])

@@ -13,8 +13,10 @@ from tqdm import tqdm
 from .checkpoint import Progress, check_same_model, load_checkpoint, load_clean_state_dict, write_checkpoint
 from .config import UserError
 from .data import batches, fixed_views, num_batches, remirrored
-from .device import autocast, cudnn_autotune, peak_gpu_mib, reset_peak_gpu_memory
-from .measure import model_accuracy
+from .device import autocast, cudnn_autotune, peak_gpu_mib, reset_peak_gpu_memory, torch_threads
+from .dist import (all_gather_cat, all_sum, average_buffers, data_parallel_model, rank, run_job, shard,
+                   training_threads, world)
+from .measure import model_accuracy, model_correct
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -70,10 +72,20 @@ class Stage:
     metrics: str = None
 
 
+@dataclass(frozen=True)
+class CrossEntropy:
+    """The cross-entropy objective (a picklable callable: under data parallelism each rank gets its own)."""
+    label_smoothing: float
+
+    def to(self, device):
+        return self
+
+    def __call__(self, model, batch):
+        return F.cross_entropy(model(batch.x), batch.y, label_smoothing=self.label_smoothing)
+
+
 def cross_entropy_objective(label_smoothing):
-    def objective(model, batch):
-        return F.cross_entropy(model(batch.x), batch.y, label_smoothing=label_smoothing)
-    return objective
+    return CrossEntropy(label_smoothing)
 
 
 def kd_loss(student_logits, teacher_logits, targets, temperature, alpha):
@@ -96,28 +108,61 @@ def teacher_outputs(teacher, x, flip=False):
 
 def teacher_logits(teacher, train, views, device, batch_size=500, channels_last=False, flip=False):
     """The teacher's float32 logits (teacher_outputs) on every fixed view of every training image: (K, N,
-    classes), on the CPU. views: data.fixed_views(N, K, seed), as the recipe that reads them makes it."""
-    out = []
-    for k in range(len(views)):
-        bar = tqdm(batches(train.x, train.y, batch_size, device, view=(k, views[k]), channels_last=channels_last),
-                   total=num_batches(len(train.x), batch_size, False), desc=f"teacher view {k + 1}/{len(views)}",
-                   unit="batch", leave=False, mininterval=1.0)
-        out.append(torch.cat([teacher_outputs(teacher, b.x, flip).cpu() for b in bar]))
-    return torch.stack(out)
+    classes), on the CPU. views: data.fixed_views(N, K, seed), as the recipe that reads them makes it. Under data
+    parallelism each rank computes a share of the images, and every rank gets them all."""
+    return run_job(TeacherLogits(teacher, views, device, batch_size, channels_last, flip), train)
 
 
-def distillation_objective(teacher, temperature, alpha, cached=None, flip=False):
+@dataclass
+class TeacherLogits:
+    """teacher_logits as a job every rank runs on its share of the images (utils.dist.run_job)."""
+    teacher: torch.nn.Module
+    views: torch.Tensor
+    device: str
+    batch_size: int
+    channels_last: bool
+    flip: bool
+
+    def __call__(self, train, *_):
+        rows = shard(len(train.x))
+        x, y = train.x[rows], train.y[rows]
+        out = []
+        for k in range(len(self.views)):
+            view = (k, self.views[k][:, rows])
+            bar = tqdm(batches(x, y, self.batch_size, self.device, view=view, channels_last=self.channels_last),
+                       total=num_batches(len(x), self.batch_size, False), desc=f"teacher view {k + 1}/"
+                       f"{len(self.views)}", unit="batch", leave=False, mininterval=1.0, disable=rank() != 0)
+            out.append(torch.cat([teacher_outputs(self.teacher, b.x, self.flip).cpu() for b in bar]))
+        return all_gather_cat(torch.stack(out), dim=1)
+
+
+@dataclass(frozen=True)
+class Distillation:
     """KD loss against `teacher`, which must be in eval mode on the training device (it is not changed here).
     cached: its logits on the fixed views (teacher_logits) on the training device, read instead of running it on
     batches showing one; flip: the teacher's targets averaged with its logits on the mirrored batch
-    (teacher_outputs)."""
-    def objective(model, batch):
-        if cached is not None and batch.view >= 0:
-            logits = cached[batch.view, batch.idx]
+    (teacher_outputs). A picklable callable: under data parallelism each rank gets its own."""
+    teacher: torch.nn.Module
+    temperature: float
+    alpha: float
+    cached: torch.Tensor = None
+    flip: bool = False
+
+    def to(self, device):
+        """This objective with its teacher and cached logits on `device` (where a rank trains)."""
+        cached = None if self.cached is None else self.cached.to(device)
+        return dataclasses.replace(self, teacher=self.teacher.to(device), cached=cached)
+
+    def __call__(self, model, batch):
+        if self.cached is not None and batch.view >= 0:
+            logits = self.cached[batch.view, batch.idx]
         else:
-            logits = teacher_outputs(teacher, batch.x, flip)
-        return kd_loss(model(batch.x), logits, batch.y, temperature, alpha)
-    return objective
+            logits = teacher_outputs(self.teacher, batch.x, self.flip)
+        return kd_loss(model(batch.x), logits, batch.y, self.temperature, self.alpha)
+
+
+def distillation_objective(teacher, temperature, alpha, cached=None, flip=False):
+    return Distillation(teacher, temperature, alpha, cached, flip)
 
 
 def sgd_one_cycle(model, recipe, steps_per_epoch):
@@ -174,7 +219,7 @@ def train_one_epoch(model, objective, optimizer, scheduler, loader, total, desc,
     every step."""
     model.train()
     running, seen = None, 0
-    bar = tqdm(loader, total=total, desc=desc, unit="batch", leave=False, mininterval=1.0)
+    bar = tqdm(loader, total=total, desc=desc, unit="batch", leave=False, mininterval=1.0, disable=rank() != 0)
     for i, batch in enumerate(bar, 1):
         with autocast(device, amp_dtype):
             loss = objective(model, batch)
@@ -199,7 +244,8 @@ def resume(model, optimizer, scheduler, stage, meta, epochs):
     ckpt = load_checkpoint(stage.path, stage.kind)
     check_same_model(ckpt, meta["model"], stage.path)
     if ckpt.get("resume_key") != meta["resume_key"]:
-        changed = sorted(k for k in meta["resume_key"] if ckpt.get("resume_key", {}).get(k) != meta["resume_key"][k])
+        made = ckpt.get("resume_key", {})
+        changed = sorted(k for k in {**made, **meta["resume_key"]} if made.get(k) != meta["resume_key"].get(k))
         raise UserError(f"{stage.path} was made with other values of {', '.join(changed) or 'its settings'}; "
                         f"delete it to start over, or rerun with the values it was made with")
     load_clean_state_dict(model, ckpt["state_dict"])
@@ -224,22 +270,76 @@ def log_metrics(stage, record):
 def fit(model, objective, recipe, train, val, stage):
     """Train `model` (on stage.device) for recipe.epochs on the `train` split, validating on `val` after each
     epoch; checkpoint each finished epoch at stage.path and append its figures to metrics.jsonl. An unfinished
-    checkpoint made from the same recipe and inputs is resumed; a finished one is loaded. Returns the Progress."""
+    checkpoint made from the same recipe, inputs and number of ranks is resumed; a finished one is loaded.
+    Under data parallelism rank 0 calls this and every rank trains (`Epochs`). Returns the Progress."""
     steps = num_batches(len(train[0]), recipe.batch_size, train=True)
     optimizer, scheduler = sgd_one_cycle(model, recipe, steps)
     key = dataclasses.asdict(recipe)
     for option in ("lookahead", "mirror_views"):  # left out when off, so that checkpoints made before it still resume
         if not key[option]:
             del key[option]
+    if world() > 1:  # likewise: one rank's checkpoints resume as before
+        key["ranks"] = world()
     meta = {**stage.meta, "stage": stage.kind, "label": stage.label, "model": model.spec,
             "resume_key": {**key, **stage.made_from}}
     progress = resume(model, optimizer, scheduler, stage, meta, recipe.epochs)
     if progress.finished and progress.history:
         return progress
+    if recipe.epochs == 0:  # nothing to train: the stage's checkpoint is the model as it came in
+        progress = Progress(0, 0, [{"epoch": 0, "val_accuracy": model_accuracy(model, val, stage.device)}])
+        write_checkpoint(stage.path, meta, model, progress)
+        return progress
+    if world() == 1:
+        return train_epochs(model, objective, recipe, train, val, optimizer, scheduler, progress, stage, meta)
+    return run_job(Epochs(model, objective, recipe, optimizer.state_dict(), scheduler.state_dict(), progress, stage,
+                          meta), train, val)
+
+
+@dataclass
+class Epochs:
+    """A stage's remaining epochs as a job every rank runs (utils.dist.run_job): the model, objective and
+    optimizer state as rank 0 holds them after resuming."""
+    model: torch.nn.Module
+    objective: object
+    recipe: TrainRecipe
+    optimizer_state: dict
+    scheduler_state: dict
+    progress: Progress
+    stage: Stage
+    meta: dict
+
+    def __call__(self, train, val):
+        model = self.model.to(self.stage.device)  # a follower's copies arrive on the CPU (utils.dist.send)
+        optimizer, scheduler = sgd_one_cycle(model, self.recipe, num_batches(len(train[0]), self.recipe.batch_size,
+                                                                             True))
+        optimizer.load_state_dict(self.optimizer_state)
+        scheduler.load_state_dict(self.scheduler_state)
+        return train_epochs(model, self.objective.to(self.stage.device), self.recipe, train, val, optimizer,
+                            scheduler, self.progress, self.stage, self.meta)
+
+
+def validation_accuracy(model, val, device, batch_size):
+    """Exact float32 top-1 accuracy (%) on `val`; under data parallelism each rank measures a share and the
+    counts are summed."""
+    if world() == 1:
+        return model_accuracy(model, val, device, batch_size)
+    rows = shard(len(val[0]))
+    correct = model_correct(model, (val[0][rows], val[1][rows]), device, batch_size)
+    hits, n = all_sum([correct.sum().item(), len(correct)])
+    return 100.0 * hits / n
+
+
+def train_epochs(model, objective, recipe, train, val, optimizer, scheduler, progress, stage, meta):
+    """The epochs of `fit` from progress.epoch on, on every rank: each rank trains on its share of every global
+    batch (the gradients averaged by DistributedDataParallel, BatchNorm's statistics averaged after each epoch);
+    rank 0 alone checkpoints, logs and prints. Returns the Progress."""
+    ranks, writer = world(), rank() == 0
+    steps = num_batches(len(train[0]), recipe.batch_size, train=True)
     views = fixed_views(len(train[0]), recipe.views, recipe.seed) if recipe.views else None
     lookahead = (Lookahead(model, recipe.lookahead, progress.epoch * steps, recipe.epochs * steps)
                  if recipe.lookahead else None)
-    first = progress.epoch
+    net = data_parallel_model(model, stage.device) if ranks > 1 else model
+    first, threads = progress.epoch, training_threads()
     reset_peak_gpu_memory(stage.device)  # each stage's own peak
     for epoch in range(first, recipe.epochs):
         t0 = time.time()
@@ -248,21 +348,27 @@ def fit(model, objective, recipe, train, val, stage):
         if view is not None and recipe.mirror_views:
             view = (view[0], remirrored(view[1], gen))
         loader = batches(train[0], train[1], recipe.batch_size, stage.device, shuffle=True, train=True,
-                         generator=gen, channels_last=recipe.channels_last, view=view)
+                         generator=gen, channels_last=recipe.channels_last, view=view, shard=(rank(), ranks))
         lr = scheduler.get_last_lr()[0]
-        with cudnn_autotune(stage.device):
-            loss = train_one_epoch(model, objective, optimizer, scheduler, loader, steps,
+        with cudnn_autotune(stage.device), torch_threads(threads):
+            loss = train_one_epoch(net, objective, optimizer, scheduler, loader, steps,
                                    f"{stage.label} {epoch + 1}/{recipe.epochs}", lookahead, stage.device,
                                    recipe.amp_dtype)
+            if ranks > 1:
+                loss = all_sum([loss])[0] / ranks  # every rank's mean over as many images
+                average_buffers(model)
         train_s = time.time() - t0
-        val_acc = model_accuracy(model, val, stage.device, max(recipe.batch_size, 256))  # exact float32, as decided
+        with torch_threads(threads):
+            val_acc = validation_accuracy(model, val, stage.device, max(recipe.batch_size, 256))
         record = {"epoch": epoch + 1, "loss": loss, "val_accuracy": val_acc, "seconds": time.time() - t0}
         progress = Progress(epoch + 1, recipe.epochs, progress.history + [record])
+        if not writer:
+            continue
         write_checkpoint(stage.path, meta, model, progress, optimizer, scheduler)
         peak = peak_gpu_mib(stage.device)
         log_metrics(stage, {**record, "epochs": recipe.epochs, "lr": lr,
-                            "images_per_s": steps * recipe.batch_size / train_s,
-                            **({"peak_gpu_mib": round(peak, 1)} if peak is not None else {})})
+                            "images_per_s": steps * recipe.batch_size / train_s, "ranks": ranks,
+                            "threads": threads, **({"peak_gpu_mib": round(peak, 1)} if peak is not None else {})})
         print(f"{stage.label:<10} epoch {epoch + 1:>3}/{recipe.epochs}  loss {loss:.4f}  val_acc {val_acc:6.2f}%  "
               f"{steps * recipe.batch_size / train_s:6.0f} img/s  {time.time() - t0:6.1f}s"
               f"{'' if peak is None else f'  peak GPU memory {peak:.0f} MiB'}", flush=True)
@@ -270,7 +376,4 @@ def fit(model, objective, recipe, train, val, stage):
         if epoch == first and left:  # the stage's time from this run's first epoch (the first pays for warm-up)
             print(f"{stage.label}: about {left * (time.time() - t0) / 60:.1f} min more for the other {left} "
                   f"epoch(s)", flush=True)
-    if recipe.epochs == 0:  # nothing to train: the stage's checkpoint is the model as it came in
-        progress = Progress(0, 0, [{"epoch": 0, "val_accuracy": model_accuracy(model, val, stage.device)}])
-        write_checkpoint(stage.path, meta, model, progress)
     return progress
