@@ -98,7 +98,8 @@ MAX_FLOAT_LAYERS = 4         # INT8 fallback: most layers kept in float (most IN
 LATENCY_THREADS = 1          # ONNX Runtime threads when timing candidates (as evaluate_results.py's THREADS)
 LATENCY_RUNS = 100           # timed batch-1 runs per candidate (batch 64: a tenth)
 CHANNELS_LAST = True         # channels-last memory format while training
-AMP_DTYPE = "float32"        # float32 | bfloat16: autocast dtype of each training step (decisions are always float32)
+AMP_DTYPE = "auto"           # auto | float32 | bfloat16: autocast dtype of each training step (auto: bfloat16 where
+                             # the CPU has bf16 matrix instructions or on a GPU; decisions are always float32)
 RANKS = "auto"               # auto | N: data-parallel processes for every training stage (auto: one per CPU core,
                              # or per GPU); rank 0 alone measures and writes; env RANKS too
 SEED = 0                     # seed of initialisation, batch order and the calibration images

@@ -41,7 +41,8 @@ WHITEN_IMAGES = 5000         # training images whose patches the whitening is co
 VAL_SIZE = 5000              # training images held out for validation (all choices; the test split only reports)
 TRAIN_SUBSET = 0             # train on the first N images of the training split only (0 = all); for quick tries
 CHANNELS_LAST = True         # channels-last memory format (faster convolutions on CPU and GPU)
-AMP_DTYPE = "float32"        # float32 | bfloat16: autocast dtype of each training step (validation stays float32)
+AMP_DTYPE = "auto"           # auto | float32 | bfloat16: autocast dtype of each training step (auto: bfloat16 where
+                             # the CPU has bf16 matrix instructions or on a GPU; validation stays float32)
 RANKS = "auto"               # auto | N: data-parallel processes (auto: one per CPU core, or per GPU); env RANKS too
 SEED = 0                     # seed of the validation split, initialisation and batch order
 # -----------------------------------------------------------------------------------------------

@@ -118,13 +118,16 @@ def imagefolder(tmp_path_factory):
 
 # Tiny constants for each script: seconds per stage on 2 CPU cores. The baseline is the stride-2 ResNet-18 at half
 # width (resnet_s2_w32): the default's code path at a quarter of its MACs.
-TRAIN_FLAGS = ["--EPOCHS=3", "--BATCH_SIZE=32", "--VAL_SIZE=40", "--LR=0.01", "--ARCH=resnet_s2_w32", "--DEVICE=cpu"]
+# float32 training (AMP_DTYPE=auto would pick bf16 on some CPUs only): the same results on every machine.
+TRAIN_FLAGS = ["--EPOCHS=3", "--BATCH_SIZE=32", "--VAL_SIZE=40", "--LR=0.01", "--ARCH=resnet_s2_w32",
+               "--AMP_DTYPE=float32", "--DEVICE=cpu"]
 # A budget no tiny model can break (MAX_ACC_DROP=100), so that the search walks every step; two students (a
 # stride-2 and a CIFAR-style one), of which the search picks one.
 COMPRESS_FLAGS = ["--KD_EPOCHS=3", "--BATCH_SIZE=32", "--STUDENTS=stride2:24-48-96-192:2,cifar:16-32-64-128:2",
                   "--KD_LR=0.01", "--FINETUNE_LR=0.005",
                   "--STRUCT_STEPS=1", "--STRUCT_EPOCHS=1", "--AGP_STEPS=1", "--AGP_EPOCHS=1", "--FINAL_EPOCHS=1",
-                  "--SENS_IMAGES=40", "--CALIB_IMAGES=64", "--LATENCY_RUNS=10", "--MAX_ACC_DROP=100", "--DEVICE=cpu"]
+                  "--SENS_IMAGES=40", "--CALIB_IMAGES=64", "--LATENCY_RUNS=10", "--MAX_ACC_DROP=100",
+                  "--AMP_DTYPE=float32", "--DEVICE=cpu"]
 EVAL_FLAGS = ["--RUNS_B1=100", "--RUNS_B64=3", "--WARMUP=2", "--THREADS=2"]
 
 

@@ -20,7 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Two epochs at a learning rate that learns the tiny data in them: the smoke stage checks that the loss falls.
 SHORT = ["--EPOCHS=2", "--KD_EPOCHS=2", "--LR=0.05", "--KD_LR=0.05", "--AGP_STEPS=1", "--FINAL_EPOCHS=0",
          "--STUDENTS=cifar:8-16-32-64:1", "--TRAIN_SUBSET=4000", "--ARCH=resnet_s2_w32"]
-TINY = ["--DEVICE=cpu", "--REFERENCE_SECONDS=0.5"] + TRAIN_FLAGS[:-1] + COMPRESS_FLAGS[:-1] + EVAL_FLAGS + SHORT
+TINY = ["--DEVICE=cpu", "--REFERENCE_SECONDS=0.5"] + [f for f in TRAIN_FLAGS[:-1] + COMPRESS_FLAGS[:-1]
+                                                       if not f.startswith("--AMP_DTYPE")] + EVAL_FLAGS + SHORT
 # search.json entries that do not depend on timing or on the run's folder
 SEARCH_KEYS = ("name", "widths", "mids", "float_val_acc", "val_acc", "drop_bound", "bytes", "onnx_bytes", "sparsity",
                "float_layers", "macs")

@@ -152,3 +152,14 @@ def test_a_bf16_run_records_the_float32_validation_accuracy_of_its_weights(tmp_p
     assert record["val_accuracy"] == model_accuracy(model, val)
     with autocast("cpu", "bfloat16"):
         assert model_accuracy(model, val) == record["val_accuracy"]
+
+
+def test_auto_trains_in_bf16_only_where_the_cpu_has_bf16_matrix_instructions(monkeypatch):
+    """AMP_DTYPE=auto reads the CPU's flags: AMX or AVX-512 BF16 give bfloat16, any other CPU float32; a value
+    asked for is kept."""
+    from utils import device
+    for flags, expected in (({"avx2", "amx_bf16", "amx_tile"}, "bfloat16"), ({"avx512f", "avx512_bf16"}, "bfloat16"),
+                            ({"avx2", "avx512f"}, "float32")):
+        monkeypatch.setattr(device, "cpu_flags", lambda: flags)
+        assert device.resolve_amp_dtype("auto", "cpu")[0] == expected, flags
+    assert device.resolve_amp_dtype("float32", "cpu") == ("float32", "as asked")

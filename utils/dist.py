@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from .config import UserError, print_config
+from .device import resolve_amp_dtype
 
 # How long a follower waits for rank 0's next job, which may follow the longest step rank 0 does alone (an ONNX
 # export, calibration and timing of a candidate: minutes); a rank that dies ends the run at once (torchrun).
@@ -92,9 +93,9 @@ def launch(script, argv, ranks, threads):
 
 
 def data_parallel(cfg, script, argv, train_batch=None):
-    """The run's layout from cfg.RANKS: (cfg with RANKS resolved, Layout), the config printed by rank 0; None in a
-    plain start that launched the ranks (they did the work; a failure exits with the failed rank's status).
-    train_batch: the global batch, which the ranks must divide."""
+    """The run's layout from cfg.RANKS: (cfg with RANKS and AMP_DTYPE resolved, Layout), the config printed by
+    rank 0; None in a plain start that launched the ranks (they did the work; a failure exits with the failed
+    rank's status). train_batch: the global batch, which the ranks must divide."""
     ranks = int(os.environ["WORLD_SIZE"]) if started_by_launcher() else resolve_ranks(cfg.RANKS, cfg.DEVICE)
     if train_batch is not None and train_batch % ranks:
         raise UserError(f"BATCH_SIZE={train_batch} does not split into {ranks} equal shares: use a multiple of "
@@ -104,14 +105,15 @@ def data_parallel(cfg, script, argv, train_batch=None):
         if status:
             sys.exit(status)
         return None
-    cfg = replace(cfg, RANKS=str(ranks))
+    amp_dtype, why = resolve_amp_dtype(cfg.AMP_DTYPE, cfg.DEVICE)
+    cfg = replace(cfg, RANKS=str(ranks), AMP_DTYPE=amp_dtype)
     layout = Layout(ranks, torch.get_num_threads(), cores(), int(os.environ.get("RANK", 0)))
     if ranks > 1:
         join(cfg.DEVICE)
         layout = replace(layout, rank=dist.get_rank())
     if layout.writer:
         print_config(script_title(script, cfg), {k: getattr(cfg, k) for k in cfg.__dataclass_fields__})
-        print(f"layout: {layout.describe()}", flush=True)
+        print(f"layout: {layout.describe()}; training in {amp_dtype} ({why}), every accuracy in float32", flush=True)
     else:
         sys.stdout = open(os.devnull, "w")  # followers print nothing; their errors still reach stderr
     return cfg, layout
