@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from .config import UserError, print_config
-from .device import resolve_amp_dtype
+from .device import resolve_amp_dtype, torch_threads
 
 # How long a follower waits for rank 0's next job, which may follow the longest step rank 0 does alone (an ONNX
 # export, calibration and timing of a candidate: minutes); a rank that dies ends the run at once (torchrun).
@@ -42,8 +42,7 @@ class Layout:
 
     def describe(self):
         return (f"{self.ranks} rank(s) x {self.threads} thread(s) on {self.cores} core(s)"
-                + (f", {'nccl' if torch.cuda.is_available() and dist.get_backend() == 'nccl' else 'gloo'}"
-                   if dist.is_initialized() else ""))
+                + (f", {dist.get_backend()}" if dist.is_initialized() else ""))
 
 
 def cores():
@@ -56,8 +55,8 @@ def started_by_launcher():
 
 
 def resolve_ranks(text, device):
-    """RANKS as a number: 'auto' is a rank per core on the CPU (two single-thread ranks trained 1.7-2.2x faster
-    than one process with two threads: README) and a rank per GPU on CUDA."""
+    """RANKS as a number: 'auto' is a rank per core on the CPU (single-thread ranks trained as fast as one process
+    with every core, or faster: the README's table of layouts) and a rank per GPU on CUDA."""
     if text == "auto":
         return max(1, torch.cuda.device_count() if device == "cuda" else cores())
     if not text.isdigit() or int(text) < 1:
@@ -77,6 +76,7 @@ def launch(script, argv, ranks, threads):
     """Run `script` with `argv` as `ranks` processes of `threads` threads each through torch.distributed.run
     (torchrun --standalone); returns the exit status: 0, or that of the first rank that failed (each rank prints
     its own one-line error), after the launcher has ended the other ranks."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
     os.environ["OMP_NUM_THREADS"] = str(threads)
@@ -84,6 +84,10 @@ def launch(script, argv, ranks, threads):
     try:
         run(parse_args(["--standalone", f"--nproc_per_node={ranks}", "--monitor-interval=0.5", script, *argv]))
         return 0
+    except SignalException as e:  # Ctrl-C or `kill`: the launcher has stopped the ranks
+        print(f"interrupted ({e.sigval.name}): rerun the same command to resume from the last finished epoch",
+              file=sys.stderr)
+        return 130
     except ChildFailedError as e:
         first = min(e.failures.values(), key=lambda f: f.timestamp)
         if first.exitcode < 0:  # killed by a signal: no rank could say why
@@ -170,10 +174,15 @@ def follower(work, *args):
         raise
 
 
+def wire_device():
+    """Where tensors of a collective must lie: this rank's GPU under NCCL, else the CPU."""
+    return f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+
+
 def send(obj):
     """Rank 0's object to every rank, returned on every rank: pickled by torch.save, its tensors loaded on the CPU
     (a model is moved to each rank's own device by whoever trains it)."""
-    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    device = wire_device()
     if rank() == 0:
         buffer = io.BytesIO()
         torch.save(obj, buffer)
@@ -196,10 +205,13 @@ def share_splits(splits):
 
 
 def run_job(job, *args):
-    """Run `job(*args)` on every rank: rank 0 sends it, the followers (in `follow`) run it with their own args."""
-    if world() > 1:
-        send(job)
-    return job(*args)
+    """Run `job(*args)` on every rank: rank 0 sends it, the followers (in `follow`) run it with their own args;
+    rank 0 with the followers' thread count (it has every core for its own work)."""
+    if world() == 1:
+        return job(*args)
+    send(job)
+    with torch_threads(training_threads()):
+        return job(*args)
 
 
 def follow(share):
@@ -220,9 +232,10 @@ def training_threads():
 
 def all_sum(values):
     """The sum over ranks of a list of numbers (float64), as floats."""
-    t = torch.tensor(values, dtype=torch.float64)
-    if world() > 1:
-        dist.all_reduce(t)
+    if world() == 1:
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64, device=wire_device())
+    dist.all_reduce(t)
     return t.tolist()
 
 

@@ -13,7 +13,7 @@ from tqdm import tqdm
 from .checkpoint import Progress, check_same_model, load_checkpoint, load_clean_state_dict, write_checkpoint
 from .config import UserError
 from .data import batches, fixed_views, num_batches, remirrored
-from .device import autocast, cudnn_autotune, peak_gpu_mib, reset_peak_gpu_memory, torch_threads
+from .device import autocast, cudnn_autotune, peak_gpu_mib, reset_peak_gpu_memory
 from .dist import (all_gather_cat, all_sum, average_buffers, data_parallel_model, rank, run_job, shard,
                    training_threads, world)
 from .measure import model_accuracy, model_correct
@@ -124,6 +124,7 @@ class TeacherLogits:
     flip: bool
 
     def __call__(self, train, *_):
+        teacher = self.teacher.to(self.device)  # a follower's copy arrives on the CPU (utils.dist.send)
         rows = shard(len(train.x))
         x, y = train.x[rows], train.y[rows]
         out = []
@@ -132,7 +133,7 @@ class TeacherLogits:
             bar = tqdm(batches(x, y, self.batch_size, self.device, view=view, channels_last=self.channels_last),
                        total=num_batches(len(x), self.batch_size, False), desc=f"teacher view {k + 1}/"
                        f"{len(self.views)}", unit="batch", leave=False, mininterval=1.0, disable=rank() != 0)
-            out.append(torch.cat([teacher_outputs(self.teacher, b.x, self.flip).cpu() for b in bar]))
+            out.append(torch.cat([teacher_outputs(teacher, b.x, self.flip).cpu() for b in bar]))
         return all_gather_cat(torch.stack(out), dim=1)
 
 
@@ -350,7 +351,7 @@ def train_epochs(model, objective, recipe, train, val, optimizer, scheduler, pro
         loader = batches(train[0], train[1], recipe.batch_size, stage.device, shuffle=True, train=True,
                          generator=gen, channels_last=recipe.channels_last, view=view, shard=(rank(), ranks))
         lr = scheduler.get_last_lr()[0]
-        with cudnn_autotune(stage.device), torch_threads(threads):
+        with cudnn_autotune(stage.device):
             loss = train_one_epoch(net, objective, optimizer, scheduler, loader, steps,
                                    f"{stage.label} {epoch + 1}/{recipe.epochs}", lookahead, stage.device,
                                    recipe.amp_dtype)
@@ -358,8 +359,7 @@ def train_epochs(model, objective, recipe, train, val, optimizer, scheduler, pro
                 loss = all_sum([loss])[0] / ranks  # every rank's mean over as many images
                 average_buffers(model)
         train_s = time.time() - t0
-        with torch_threads(threads):
-            val_acc = validation_accuracy(model, val, stage.device, max(recipe.batch_size, 256))
+        val_acc = validation_accuracy(model, val, stage.device, max(recipe.batch_size, 256))
         record = {"epoch": epoch + 1, "loss": loss, "val_accuracy": val_acc, "seconds": time.time() - t0}
         progress = Progress(epoch + 1, recipe.epochs, progress.history + [record])
         if not writer:
