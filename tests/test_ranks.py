@@ -135,14 +135,18 @@ def test_a_killed_plain_start_at_two_ranks_resumes_to_the_weights_of_the_uninter
     """A plain start with RANKS=2 launches the ranks itself; killed after its first epoch and started again, it
     ends with the weights of the torchrun run (the same seeds at the same number of ranks: the same weights)."""
     command = [sys.executable] + script("train_baseline.py", tmp_path, imagefolder, TRAIN_FLAGS)
-    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, cwd=ROOT)
+    log = open(tmp_path / "first.err", "w")
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, env=ENV, cwd=ROOT)
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 120
     while not (metrics.exists() and metrics.read_text().count("\n") >= 1) and first.poll() is None:
         assert time.time() < deadline, "the first epoch did not end"
         time.sleep(0.02)
     first.send_signal(signal.SIGTERM)  # `kill PID`: the launcher ends both ranks, then itself
-    assert first.wait(timeout=60)
+    assert first.wait(timeout=60) == 130
+    said = [line for line in (tmp_path / "first.err").read_text().replace("\r", "\n").splitlines()
+            if "interrupted" in line or "error" in line.lower()]
+    assert said == ["interrupted (SIGTERM): rerun the same command to resume from the last finished epoch"], said
     again = run(command)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "layout: 2 rank(s) x 1 thread(s)" in again.stdout

@@ -13,6 +13,7 @@ import inspect
 import io
 import logging
 import os
+import signal
 import sys
 import warnings
 from dataclasses import dataclass, replace
@@ -84,9 +85,10 @@ def launch(script, argv, ranks, threads):
     try:
         run(parse_args(["--standalone", f"--nproc_per_node={ranks}", "--monitor-interval=0.5", script, *argv]))
         return 0
-    except SignalException as e:  # Ctrl-C or `kill`: the launcher has stopped the ranks
-        print(f"interrupted ({e.sigval.name}): rerun the same command to resume from the last finished epoch",
-              file=sys.stderr)
+    except SignalException as e:  # Ctrl-C or `kill`: the launcher has passed the signal on to the ranks
+        if e.sigval != signal.SIGINT:  # rank 0 says so after a Ctrl-C (utils.config.run_cli)
+            print(f"interrupted ({e.sigval.name}): rerun the same command to resume from the last finished epoch",
+                  file=sys.stderr)
         return 130
     except ChildFailedError as e:
         first = min(e.failures.values(), key=lambda f: f.timestamp)
