@@ -126,6 +126,9 @@ def test_the_three_scripts_run_under_torchrun_at_two_ranks_and_their_files_load(
     lines = [json.loads(line) for line in open(folder / "metrics.jsonl")]
     assert {line["stage"] for line in lines} == {"baseline", "student", "scratch", "struct1", "sparse1"}
     assert {line["ranks"] for line in lines} == {2} and all(line["images_per_s"] > 0 for line in lines)
+    for stage in ("baseline", "student", "scratch"):  # learning at 2 ranks, not only running
+        losses = [line["loss"] for line in lines if line["stage"] == stage]
+        assert losses[-1] < losses[0], (stage, losses)
     assert json.load(open(folder / "results.json"))["rows"]
     onnxruntime.InferenceSession(str(folder / "int8.onnx"), providers=["CPUExecutionProvider"])
 
