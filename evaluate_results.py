@@ -315,7 +315,8 @@ def main(argv):
     if int(os.environ.get("RANK", 0)):  # started by torchrun as one of several ranks: rank 0 alone evaluates
         return
     cfg = configure(Config, "evaluate_results", argv, check_config, {}, pick_device)
-    torch.set_num_threads(os.cpu_count())  # torchrun gives each rank one thread; accuracy uses every core
+    if "RANK" in os.environ:  # torchrun gave this rank one thread; accuracy uses every core
+        torch.set_num_threads(os.cpu_count())
     timing = Timing(cfg.THREADS or os.cpu_count(), cfg.RUNS_B1, cfg.RUNS_B64, cfg.WARMUP)
     print(f"threads: {timing.threads} for timing (PyTorch and ONNX Runtime), every core for accuracy")
     with out_dir_lock(cfg.OUT_DIR, "evaluate_results.py"):

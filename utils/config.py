@@ -167,5 +167,10 @@ def configure(config_cls, title, argv, check, profiles=None, pick_device=None, s
     cfg = config_cls(**resolve_config(defaults, argv, profiles or {}, pick_device))
     check(cfg)
     if show:
-        print_config(f"{title} ({cfg.PROFILE} profile)" if "PROFILE" in defaults else title, dataclasses.asdict(cfg))
+        show_config(title, cfg)
     return cfg
+
+
+def show_config(title, cfg):
+    """Print a script's resolved configuration under its title (and profile, where it has one)."""
+    print_config(f"{title} ({cfg.PROFILE} profile)" if hasattr(cfg, "PROFILE") else title, dataclasses.asdict(cfg))

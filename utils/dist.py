@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 
-from .config import UserError, print_config
+from .config import UserError, show_config
 from .device import resolve_amp_dtype, torch_threads
 
 # How long a follower waits for rank 0's next job, which may follow the longest step rank 0 does alone (an ONNX
@@ -118,16 +118,11 @@ def data_parallel(cfg, script, argv, train_batch=None):
         join(cfg.DEVICE)
         layout = replace(layout, rank=dist.get_rank())
     if layout.writer:
-        print_config(script_title(script, cfg), {k: getattr(cfg, k) for k in cfg.__dataclass_fields__})
+        show_config(os.path.splitext(os.path.basename(script))[0], cfg)
         print(f"layout: {layout.describe()}; training in {amp_dtype} ({why}), every accuracy in float32", flush=True)
     else:
         sys.stdout = open(os.devnull, "w")  # followers print nothing; their errors still reach stderr
     return cfg, layout
-
-
-def script_title(script, cfg):
-    name = os.path.splitext(os.path.basename(script))[0]
-    return f"{name} ({cfg.PROFILE} profile)" if hasattr(cfg, "PROFILE") else name
 
 
 def join(device):
