@@ -65,7 +65,7 @@ DEVICE = "auto"              # auto | cpu | cuda
 STUDENTS = "resnet20"        # comma-separated utils.models.ARCHS names or stem:widths:blocks specs, each
                              # distilled, the search picking one; resnet20: CIFAR ResNet-20 (16-32-64, 32x32 maps,
                              # 0.27 M parameters); resnet_s2_w32: the baseline's shape at half width (2.8 M, 16x16)
-KD_EPOCHS = 24               # distillation epochs of each student
+KD_EPOCHS = 36               # distillation epochs of each student
 TEACHER_VIEWS = 3            # fixed augmentations of each training image the teacher's logits are computed on once
                              # and every training epoch reuses (0: run the teacher on every batch)
 TEACHER_FLIP = True          # the teacher's targets: the mean of its logits on each view and on its mirror image

@@ -29,7 +29,7 @@ DEVICE = "auto"              # auto | cpu | cuda
 ARCH = "resnet18_s2"         # resnet18_s2 (3x3 stride-2 stem: 16x16 maps) | resnet18_pool (3x3 stride-1 conv +
                              # 2x2 max-pool: 16x16 maps) | resnet18_cifar (stride 1: 32x32 maps, 4x the MACs) |
                              # resnet18_stock (torchvision's ImageNet stem: 8x8 maps); docs/experiments.md compares them
-EPOCHS = 16                  # passes over the training split
+EPOCHS = 20                  # passes over the training split
 BATCH_SIZE = 256             # images per step
 LR = 0.2                     # peak learning rate of the one-cycle schedule
 MOMENTUM = 0.9               # SGD Nesterov momentum
