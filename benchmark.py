@@ -232,6 +232,12 @@ def main(argv):
         publish(out, own.PUBLISH)
 
 
+def at_reference_speed(seconds, reference):
+    """`seconds` of this run scaled to a machine whose reference workload runs at REFERENCE_SPEED images/s (a
+    machine twice as fast takes half the time); unscaled when the run did not measure its reference."""
+    return round(seconds * (reference["images_per_s"] / REFERENCE_SPEED if reference else 1.0), 1)
+
+
 def report(out, argv, progress):
     """The finished run's timing, stage speeds, test rows and targets: printed, and written as benchmark.json."""
     reference, timing = progress["reference"], dict(progress["timing"])
@@ -242,9 +248,7 @@ def report(out, argv, progress):
     timing["scratch_control_s"] = round(seconds.get("scratch_control", 0.0), 1)
     timing["compress_model.py_s"] = round(timing["compress_model.py_s"] - timing["scratch_control_s"], 1)
     timing["total_s"] = round(sum(timing[f"{script}_s"] for script in SCRIPTS), 1)
-    # the time the run would take on a machine whose reference workload runs at REFERENCE_SPEED (unscaled without one)
-    timing["total_s_at_reference"] = round(timing["total_s"] * (reference["images_per_s"] / REFERENCE_SPEED
-                                                                if reference else 1.0), 1)
+    timing["total_s_at_reference"] = at_reference_speed(timing["total_s"], reference)
     rows = {r["stage"]: r for r in results["rows"]}
     profile = results["config"]["PROFILE"]
     checks = [{"target": t.description, "met": None if t.timed and progress["interrupted"]
