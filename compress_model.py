@@ -35,13 +35,13 @@ import torch
 from utils.checkpoint import (ARTIFACTS, CONTROL, Progress, clean_state_dict, count_params, load_checkpoint,
                               load_model, weights_fingerprint, write_checkpoint)
 from utils.config import UserError, check_choice, check_range, config_type, configure, run_cli
-from utils.data import Split, fixed_views, load_dataset, train_val_split
+from utils.data import DATA_MODES, RAM_MARGIN, Split, available_memory, fixed_views, load_dataset, train_val_split
 from utils.device import check_amp_dtype, pick_device
 from utils.dist import data_parallel, follow, ranks_working, share_splits
 from utils.files import ArtifactSet, atomic_write_text, cache_or_compute, file_digest, new_run_id, out_dir_lock, \
     write_json
 from utils.measure import Timing, eager_latency, model_accuracy, model_correct, percent
-from utils.models import ResNet, arch_slug, parse_arch
+from utils.models import LARGE_IMAGES, ResNet, arch_slug, parse_arch
 from utils.plots import plot_sensitivity
 from utils.prune import group_widths
 from utils.quantize import Quantization, dynamic_quant, export_onnx, onnx_param_counts, save_onnx_metadata
@@ -55,6 +55,8 @@ from utils.train import (METRICS_FILE, Stage, cross_entropy_objective, distillat
 # -----------------------------------------------------------------------------------------------
 DATA_DIR = "data"            # the data the baseline was trained on (CIFAR-10 or ImageFolder root); env DATA_DIR too
 DOWNLOAD = True              # download CIFAR-10 into DATA_DIR when no data is there (needs internet)
+DATA_MODE = "auto"           # auto | ram | stream: decoded images in memory, or decoded from the files batch by batch
+                             # (ImageFolder data; auto: ram when they fit the memory); the size is the baseline's
 OUT_DIR = "runs"             # where baseline.pth is, and where every stage's artifact goes
 MAX_ACC_DROP = 1.0           # points of accuracy the final INT8 model may lose against the baseline, judged by the
                              # one-sided 95% bound of its paired drop on validation (not the point estimate)
@@ -62,9 +64,10 @@ OBJECTIVE = "balanced"       # size | latency | balanced: what the search minimi
                              # bytes, MACs (what latency follows; timings vary from run to run), or both
 PROFILE = "auto"             # auto | cpu | gpu: defaults below for the CPU, replaced by PROFILES["gpu"] on CUDA
 DEVICE = "auto"              # auto | cpu | cuda
-STUDENTS = "resnet20"        # comma-separated utils.models.ARCHS names or stem:widths:blocks specs, each
+STUDENTS = "auto"            # comma-separated utils.models.ARCHS names or stem:widths:blocks specs, each
                              # distilled, the search picking one; resnet20: CIFAR ResNet-20 (16-32-64, 32x32 maps,
-                             # 0.27 M parameters); resnet_s2_w32: the baseline's shape at half width (2.8 M, 16x16)
+                             # 0.27 M parameters); resnet_s2_w32: the baseline's shape at half width (2.8 M, 16x16);
+                             # auto: AUTO_STUDENTS of the profile (see students_for)
 KD_EPOCHS = 36               # distillation epochs of each student
 TEACHER_VIEWS = 3            # fixed augmentations of each training image the teacher's logits are computed on once
                              # and every training epoch reuses (0: run the teacher on every batch)
@@ -104,15 +107,16 @@ RANKS = "auto"               # auto | N: data-parallel processes for every train
                              # or per GPU); rank 0 alone measures and writes; env RANKS too
 SEED = 0                     # seed of initialisation, batch order and the calibration images
 # -----------------------------------------------------------------------------------------------
-PROFILES = {"cpu": {}, "gpu": {"STUDENTS": "resnet20_w32,resnet18_cifar_w32", "KD_EPOCHS": 40, "TEACHER_VIEWS": 0,
-                               "BATCH_SIZE": 512, "KD_LR": 0.4,
-                               "STRUCT_EPOCHS": 4, "AGP_EPOCHS": 2,
-                               "AMP_DTYPE": "bfloat16"}}
+PROFILES = {"cpu": {}, "gpu": {"KD_EPOCHS": 40, "TEACHER_VIEWS": 0, "BATCH_SIZE": 512, "KD_LR": 0.4,
+                               "STRUCT_EPOCHS": 4, "AGP_EPOCHS": 2, "AMP_DTYPE": "bfloat16"}}
+# STUDENTS=auto below LARGE_IMAGES px: one CPU-sized student; on a GPU two wider ones for the search to choose from
+AUTO_STUDENTS = {"cpu": "resnet20", "gpu": "resnet20_w32,resnet18_cifar_w32"}
 Config = config_type("Config", __file__)  # the constants above as a frozen dataclass: cfg.NAME
 
 
 def check_config(cfg):
-    names = cfg.STUDENTS.split(",")
+    check_choice(cfg, "DATA_MODE", DATA_MODES)
+    names = [] if cfg.STUDENTS == "auto" else cfg.STUDENTS.split(",")
     for name in names:
         try:
             parse_arch(name)
@@ -202,7 +206,7 @@ class Distiller:
 def load_splits(cfg, teacher):
     """The baseline's own train/validation split (its VAL_SIZE, SEED and TRAIN_SUBSET), on the CPU; the data's
     classes must be the ones the baseline was trained on."""
-    data = load_dataset(cfg.DATA_DIR, cfg.DOWNLOAD, cfg.OUT_DIR)
+    data = load_dataset(cfg.DATA_DIR, cfg.DOWNLOAD, cfg.OUT_DIR, teacher.model.image_size, cfg.DATA_MODE)
     if data["train"].classes != teacher.classes:
         raise UserError(f"{teacher.path} was trained on the classes {teacher.classes}, but {cfg.DATA_DIR} holds "
                         f"{data['train'].classes}: use the data it was trained on, or train a new baseline")
@@ -220,6 +224,31 @@ def baseline_on_val(teacher, val, cfg):
     return correct
 
 
+def students_for(cfg, image_size):
+    """STUDENTS, with auto resolved: the profile's AUTO_STUDENTS, and from LARGE_IMAGES px up the same stages
+    behind torchvision's ImageNet stem (as the baseline's ARCH=auto), which keeps the student's maps, and so its
+    MACs, a fraction of the teacher's."""
+    if cfg.STUDENTS != "auto":
+        return cfg.STUDENTS
+    names = AUTO_STUDENTS[cfg.PROFILE].split(",")
+    if image_size < LARGE_IMAGES:
+        return ",".join(names)
+    specs = [parse_arch(name) for name in names]
+    return ",".join(f"imagenet:{'-'.join(map(str, s['widths']))}:{s.get('blocks', (2,))[0]}" for s in specs)
+
+
+def views_that_fit(cfg, train, teacher):
+    """cfg, with TEACHER_VIEWS=0 (the teacher run on every step's batch, said in one line) where its cached logits
+    (views x images x classes float32) would not fit in the memory available, as decoded images may not either."""
+    need = cfg.TEACHER_VIEWS * len(train.x) * len(teacher.classes) * 4
+    if need * RAM_MARGIN <= available_memory():
+        return cfg
+    print(f"teacher logits: {cfg.TEACHER_VIEWS} views x {len(train.x)} images x {len(teacher.classes)} classes = "
+          f"{need / 2**30:.2f} GiB do not fit the memory available: the teacher runs on every step instead "
+          f"(TEACHER_VIEWS=0)")
+    return replace(cfg, TEACHER_VIEWS=0)
+
+
 def cached_teacher(teacher, train, cfg):
     """The teacher's logits on TEACHER_VIEWS fixed augmentations of every training image (utils.train
     .teacher_logits), stored in OUT_DIR/teacher_logits.pt and reused while the teacher and the views are the same.
@@ -231,7 +260,7 @@ def cached_teacher(teacher, train, cfg):
 
     def compute():
         t0 = time.time()
-        views = fixed_views(len(train.x), cfg.TEACHER_VIEWS, cfg.SEED)
+        views = fixed_views(len(train.x), cfg.TEACHER_VIEWS, cfg.SEED, train.x.shape[-1])
         logits = teacher_logits(teacher.model, train, views, cfg.DEVICE, channels_last=cfg.CHANNELS_LAST,
                                 flip=cfg.TEACHER_FLIP)
         print(f"teacher logits: {key['views']} fixed views of {len(train.x)} images in {time.time() - t0:.0f}s",
@@ -249,7 +278,7 @@ def new_student(name, teacher, cfg):
     """A freshly initialised student of architecture `name`, seeded by SEED: a student and its scratch control
     start from the same weights."""
     torch.manual_seed(cfg.SEED)
-    return ResNet(**parse_arch(name), num_classes=len(teacher.classes))
+    return ResNet(**parse_arch(name), num_classes=len(teacher.classes), image_size=teacher.model.image_size)
 
 
 def distil(teacher, distiller, cfg):
@@ -425,8 +454,10 @@ def main(argv):
     with out_dir_lock(cfg.OUT_DIR, "compress_model.py"), ranks_working(layout):
         t_start = time.time()
         teacher = Teacher(cfg)
+        cfg = replace(cfg, STUDENTS=students_for(cfg, teacher.model.image_size))
         train, val = share_splits(load_splits(cfg, teacher))
         train = train.to(cfg.DEVICE)
+        cfg = views_that_fit(cfg, train, teacher)
         base_correct = baseline_on_val(teacher, val, cfg)
         kd = distillation_objective(teacher.model, cfg.KD_TEMPERATURE, cfg.KD_ALPHA,
                                     cached_teacher(teacher, train, cfg), cfg.TEACHER_FLIP)

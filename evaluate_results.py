@@ -19,8 +19,8 @@ import onnx
 import torch
 
 from utils.checkpoint import ARTIFACTS, CONTROL, MADE_BY, load_checkpoint, load_model, count_params, versions
-from utils.config import UserError, check_range, config_type, configure, run_cli
-from utils.data import load_dataset
+from utils.config import UserError, check_choice, check_range, config_type, configure, run_cli
+from utils.data import DATA_MODES, load_dataset
 from utils.device import pick_device
 from utils.files import atomic_write_text, file_digest, out_dir_lock, write_json
 from utils.measure import (Timing, accuracy_interval, eager_latency, gzip_size, machine_info, model_correct,
@@ -34,6 +34,8 @@ from utils.train import METRICS_FILE
 # -----------------------------------------------------------------------------------------------
 DATA_DIR = "data"            # the data the baseline was trained on (CIFAR-10 or ImageFolder root); env DATA_DIR too
 DOWNLOAD = True              # download CIFAR-10 into DATA_DIR when no data is there (needs internet)
+DATA_MODE = "auto"           # auto | ram | stream: the test images decoded into memory or from the files batch by
+                             # batch (ImageFolder data; auto: ram when they fit the memory); the size is the baseline's
 OUT_DIR = "runs"             # where the stages' artifacts are, and where results.json / results.md go
 PROFILE = "auto"             # auto | cpu | gpu: as the other scripts (this one's constants are the same in both)
 DEVICE = "auto"              # auto | cpu | cuda: where float models' accuracy is measured (timing is always CPU)
@@ -51,6 +53,7 @@ RUN_FILES = ("student_int8", "pruned", "int8", "int8_sparse", "dynamic_quant", "
 
 
 def check_config(cfg):
+    check_choice(cfg, "DATA_MODE", DATA_MODES)
     check_range(cfg, "THREADS", 0, 4096)
     check_range(cfg, "RUNS_B1", 100, 10**6)
     for name in ("RUNS_B64", "EVAL_BATCH"):
@@ -321,7 +324,8 @@ def main(argv):
     print(f"threads: {timing.threads} for timing (PyTorch and ONNX Runtime), every core for accuracy")
     with out_dir_lock(cfg.OUT_DIR, "evaluate_results.py"):
         artifacts, search = load_artifacts(cfg)
-        test = load_dataset(cfg.DATA_DIR, cfg.DOWNLOAD, cfg.OUT_DIR)["test"]
+        test = load_dataset(cfg.DATA_DIR, cfg.DOWNLOAD, cfg.OUT_DIR, artifacts["baseline"].model.image_size,
+                            cfg.DATA_MODE)["test"]
         t0 = time.time()
         rows = measure_all(artifacts, search, test, cfg, timing)
         draw(search, cfg)

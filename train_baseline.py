@@ -6,18 +6,18 @@ Rerunning after an interruption resumes from the last finished epoch.
 """
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 
 from utils.checkpoint import ARTIFACTS, versions
 from utils.config import UserError, check_choice, check_range, config_type, configure, run_cli
-from utils.data import load_dataset, train_val_split
+from utils.data import DATA_MODES, load_dataset, train_val_split
 from utils.device import check_amp_dtype, pick_device
 from utils.dist import data_parallel, follow, ranks_working, share_splits
 from utils.files import out_dir_lock
 from utils.measure import model_accuracy
-from utils.models import ARCHS, ResNet, whiten_stem, zero_init_residual
+from utils.models import ARCHS, LARGE_IMAGES, ResNet, whiten_stem, zero_init_residual
 from utils.train import Stage, cross_entropy_objective, fit, placed_for_training, recipe_from
 
 # -----------------------------------------------------------------------------------------------
@@ -26,9 +26,14 @@ DOWNLOAD = True              # download CIFAR-10 into DATA_DIR when no data is t
 OUT_DIR = "runs"             # checkpoints, artifacts, results and the decoded-image cache
 PROFILE = "auto"             # auto | cpu | gpu: defaults below for the CPU, replaced by PROFILES["gpu"] on CUDA
 DEVICE = "auto"              # auto | cpu | cuda
-ARCH = "resnet18_s2"         # resnet18_s2 (3x3 stride-2 stem: 16x16 maps) | resnet18_pool (3x3 stride-1 conv +
-                             # 2x2 max-pool: 16x16 maps) | resnet18_cifar (stride 1: 32x32 maps, 4x the MACs) |
-                             # resnet18_stock (torchvision's ImageNet stem: 8x8 maps); docs/experiments.md compares them
+ARCH = "auto"                # auto | resnet18_s2 (3x3 stride-2 stem: 16x16 maps at 32 px) | resnet18_pool (3x3
+                             # stride-1 conv + 2x2 max-pool: 16x16 maps) | resnet18_cifar (stride 1: 32x32 maps, 4x
+                             # the MACs) | resnet18_stock (torchvision's ImageNet stem: 8x8 maps); auto: resnet18_s2
+                             # in the CPU profile, resnet18_cifar in the GPU one, resnet18_stock from IMAGE_SIZE 96 up
+IMAGE_SIZE = 32              # px: the square images every stage trains, evaluates, calibrates, exports and times at
+                             # (images of another size are resized and centre-cropped, their aspect kept)
+DATA_MODE = "auto"           # auto | ram | stream: decoded images kept in memory, or decoded from the files batch by
+                             # batch in DataLoader workers (ImageFolder data); auto: ram when they fit the memory
 EPOCHS = 20                  # passes over the training split
 BATCH_SIZE = 256             # images per step
 LR = 0.2                     # peak learning rate of the one-cycle schedule
@@ -46,13 +51,14 @@ AMP_DTYPE = "auto"           # auto | float32 | bfloat16: autocast dtype of each
 RANKS = "auto"               # auto | N: data-parallel processes (auto: one per CPU core, or per GPU); env RANKS too
 SEED = 0                     # seed of the validation split, initialisation and batch order
 # -----------------------------------------------------------------------------------------------
-PROFILES = {"cpu": {}, "gpu": {"ARCH": "resnet18_cifar", "EPOCHS": 40, "BATCH_SIZE": 512, "LR": 0.4,
-                               "AMP_DTYPE": "bfloat16"}}
+PROFILES = {"cpu": {}, "gpu": {"EPOCHS": 40, "BATCH_SIZE": 512, "LR": 0.4, "AMP_DTYPE": "bfloat16"}}
 Config = config_type("Config", __file__)  # the constants above as a frozen dataclass: cfg.NAME
 
 
 def check_config(cfg):
-    check_choice(cfg, "ARCH", tuple(ARCHS))
+    check_choice(cfg, "ARCH", ("auto",) + tuple(ARCHS))
+    check_choice(cfg, "DATA_MODE", DATA_MODES)
+    check_range(cfg, "IMAGE_SIZE", 8, 4096)
     check_amp_dtype(cfg)
     for name in ("EPOCHS", "BATCH_SIZE", "VAL_SIZE"):
         check_range(cfg, name, 1, 10**9)
@@ -65,9 +71,22 @@ def check_config(cfg):
     check_range(cfg, "WEIGHT_DECAY", 0, 1)
 
 
+def arch_for(cfg):
+    """ARCH, with auto resolved: from LARGE_IMAGES px up torchvision's ImageNet stem (it divides the maps by 4 as
+    ImageNet-sized models do: the usual choice for photos), below it the stride-2 stem in the CPU profile (4x
+    fewer MACs than stride 1, docs/experiments.md) and the stride-1 CIFAR stem in the GPU profile (the most
+    accurate)."""
+    if cfg.ARCH != "auto":
+        return cfg.ARCH
+    if cfg.IMAGE_SIZE >= LARGE_IMAGES:
+        return "resnet18_stock"
+    return "resnet18_cifar" if cfg.PROFILE == "gpu" else "resnet18_s2"
+
+
 def load_splits(cfg):
-    """Images decoded once into uint8 tensors; a validation split held out of train; both on the CPU."""
-    data = load_dataset(cfg.DATA_DIR, cfg.DOWNLOAD, cfg.OUT_DIR)
+    """Images decoded once into uint8 tensors (or files streamed, DATA_MODE); a validation split held out of
+    train; both on the CPU."""
+    data = load_dataset(cfg.DATA_DIR, cfg.DOWNLOAD, cfg.OUT_DIR, cfg.IMAGE_SIZE, cfg.DATA_MODE)
     train, val = train_val_split(data["train"], cfg.VAL_SIZE, cfg.SEED, cfg.TRAIN_SUBSET)
     print(f"data: {len(train.x)} train, {len(val.x)} validation, {len(data['test'].x)} test images, "
           f"{len(train.classes)} classes")
@@ -80,7 +99,7 @@ def build(cfg, train):
     """The model and its recipe: SGD + Nesterov, one-cycle learning rate, label smoothing, weight decay on the
     weights only, each residual block starting as the identity (utils.models.zero_init_residual), with
     WHITEN_STEM the stem whitening the first WHITEN_IMAGES training images' patches (utils.models.whiten_stem)."""
-    model = zero_init_residual(ResNet(**ARCHS[cfg.ARCH], num_classes=len(train.classes)))
+    model = zero_init_residual(ResNet(**ARCHS[cfg.ARCH], num_classes=len(train.classes), image_size=cfg.IMAGE_SIZE))
     if cfg.WHITEN_STEM:
         whiten_stem(model, train.x[:cfg.WHITEN_IMAGES].cpu())
     model = placed_for_training(model, cfg.DEVICE, cfg.CHANNELS_LAST)
@@ -91,6 +110,7 @@ def build(cfg, train):
 def main(argv):
     # Constants: defaults < device profile < environment < flags; printed, and stored in the checkpoint
     cfg = configure(Config, "train_baseline", argv, check_config, PROFILES, pick_device, show=False)
+    cfg = replace(cfg, ARCH=arch_for(cfg))  # stored resolved: a resume or a later script sees what was trained
     # Data parallelism: a plain start with RANKS above 1 launches the ranks and waits for them here
     started = data_parallel(cfg, __file__, argv, cfg.BATCH_SIZE)
     if started is None:
@@ -105,6 +125,8 @@ def main(argv):
         # Train (resumes an unfinished OUT_DIR/baseline.pth), checkpointing every epoch
         path = os.path.join(cfg.OUT_DIR, ARTIFACTS["baseline"])
         made_from = {k: getattr(cfg, k) for k in ("ARCH", "LABEL_SMOOTHING", "VAL_SIZE", "TRAIN_SUBSET")}
+        if cfg.IMAGE_SIZE != 32:  # only then, so that checkpoints made before the option still resume
+            made_from["IMAGE_SIZE"] = cfg.IMAGE_SIZE
         if cfg.WHITEN_STEM:  # only then, so that checkpoints made before the option still resume
             made_from.update({k: getattr(cfg, k) for k in ("WHITEN_STEM", "WHITEN_IMAGES")})
         stage = Stage("baseline", "baseline", path, cfg.DEVICE, made_from,

@@ -146,7 +146,7 @@ def pipeline(imagefolder, tmp_path_factory):
 
 
 # Fixtures that run the tiny pipeline (or benchmark.py / gpu_check.sh): a test using one is in the slow tier.
-SLOW_FIXTURES = {"pipeline", "smoke_run", "resumed_full_run", "archive", "torchrun_run"}
+SLOW_FIXTURES = {"pipeline", "smoke_run", "resumed_full_run", "archive", "torchrun_run", "stream_pipeline"}
 
 
 def pytest_collection_modifyitems(items):

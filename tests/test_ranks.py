@@ -25,6 +25,9 @@ ENV = {**os.environ, "RANKS": "2"}  # the tests' own RANKS=1 (conftest) replaced
 # every kind of training job (the teacher's logits, distillation, the control, a pruned model's fine-tuning), once
 ONE_STUDENT = ["--STUDENTS=cifar:8-16-32-64:1", "--FINAL_EPOCHS=0"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+# the baseline at 64 px, every script reading the files batch by batch (issue 30): the stream path at 2 ranks
+TRAIN = TRAIN_FLAGS + ["--IMAGE_SIZE=64", "--DATA_MODE=stream"]
+STREAM = ["--DATA_MODE=stream"]
 
 
 def free_port():
@@ -110,8 +113,8 @@ def state(folder, name="baseline.pth"):
 def torchrun_run(imagefolder, tmp_path_factory):
     """The three scripts under torchrun with 2 ranks: (their folder, their outputs)."""
     folder, outputs = tmp_path_factory.mktemp("torchrun"), []
-    for name, flags in (("train_baseline.py", TRAIN_FLAGS), ("compress_model.py", COMPRESS_FLAGS + ONE_STUDENT),
-                        ("evaluate_results.py", EVAL_FLAGS)):
+    for name, flags in (("train_baseline.py", TRAIN), ("compress_model.py", COMPRESS_FLAGS + ONE_STUDENT + STREAM),
+                        ("evaluate_results.py", EVAL_FLAGS + STREAM)):
         proc = run(TORCHRUN + script(name, folder, imagefolder, flags))
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         outputs.append(proc.stdout)
@@ -130,14 +133,15 @@ def test_the_three_scripts_run_under_torchrun_at_two_ranks_and_their_files_load(
         losses = [line["loss"] for line in lines if line["stage"] == stage]
         assert losses[-1] < losses[0], (stage, losses)
     assert json.load(open(folder / "results.json"))["rows"]
-    onnxruntime.InferenceSession(str(folder / "int8.onnx"), providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(str(folder / "int8.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[1:] == [3, 64, 64]
 
 
 def test_a_killed_plain_start_at_two_ranks_resumes_to_the_weights_of_the_uninterrupted_torchrun(torchrun_run,
                                                                                                 imagefolder, tmp_path):
     """A plain start with RANKS=2 launches the ranks itself; killed after its first epoch and started again, it
     ends with the weights of the torchrun run (the same seeds at the same number of ranks: the same weights)."""
-    command = [sys.executable] + script("train_baseline.py", tmp_path, imagefolder, TRAIN_FLAGS)
+    command = [sys.executable] + script("train_baseline.py", tmp_path, imagefolder, TRAIN)
     log = open(tmp_path / "first.err", "w")
     first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, env=ENV, cwd=ROOT)
     metrics = tmp_path / "metrics.jsonl"
@@ -163,7 +167,7 @@ def test_a_checkpoint_of_another_number_of_ranks_is_refused_in_one_line(torchrun
     ckpt = torch.load(torchrun_run[0] / "baseline.pth", weights_only=True)
     ckpt.update(epoch=1, finished=False)
     torch.save(ckpt, tmp_path / "baseline.pth")
-    proc = run([sys.executable] + script("train_baseline.py", tmp_path, imagefolder, TRAIN_FLAGS + ["--RANKS=1"]))
+    proc = run([sys.executable] + script("train_baseline.py", tmp_path, imagefolder, TRAIN + ["--RANKS=1"]))
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "ranks" in proc.stderr.strip().splitlines()[-1]
 

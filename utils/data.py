@@ -1,5 +1,7 @@
-"""CIFAR-10 (torchvision's pickle layout, downloaded when allowed) or any ImageFolder layout, decoded once
-into uint8 tensors and cached; the one train/validation split; batches augmented as tensors on the device."""
+"""CIFAR-10 (torchvision's pickle layout, downloaded when allowed) or any ImageFolder layout at IMAGE_SIZE px,
+either decoded once into uint8 tensors and cached (DATA_MODE=ram) or kept as files and decoded batch by batch in
+DataLoader workers (DATA_MODE=stream, for data bigger than memory); the one train/validation split; batches
+augmented as tensors on the device, the same way on both paths."""
 import hashlib
 import os
 import pickle
@@ -14,12 +16,15 @@ from .config import UserError
 from .files import cache_or_compute
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp")
-CACHE_FORMAT = "uint8-cache-v2"
+CACHE_FORMAT = "uint8-cache-v3"  # v3: images of another size resized and centre-cropped keeping their aspect
+DATA_MODES = ("auto", "ram", "stream")
+RAM_MARGIN = 1.5  # decoded bytes times this must fit the available memory for DATA_MODE=auto to keep them in RAM
 CIFAR_FILES = ["batches.meta"] + [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 
 
 class Split(NamedTuple):
-    """Images x (uint8 (N, 3, H, W)), labels y (int64 (N,)) and the class names the labels index."""
+    """Images x (uint8 (N, 3, H, W): a tensor, or ImageFiles decoded as they are read), labels y (int64 (N,))
+    and the class names the labels index."""
     x: torch.Tensor
     y: torch.Tensor
     classes: list
@@ -27,9 +32,114 @@ class Split(NamedTuple):
     def to(self, device):
         return Split(self.x.to(device), self.y.to(device), self.classes)
 
+    def select(self, idx):
+        """The images at positions `idx` (an int64 tensor), in that order (files stay files)."""
+        return Split(subset(self.x, idx.to(self.x.device)), self.y[idx.to(self.y.device)], self.classes)
+
     def head(self, n):
         """The first n images (all when n is 0)."""
-        return self if not n else Split(self.x[:n], self.y[:n], self.classes)
+        return self if not n else self.select(torch.arange(n))
+
+
+def decode_image(path, size):
+    """One image file as uint8 (3, size, size) RGB: resized so that its shorter side is `size` and centre-cropped
+    (its aspect kept, never squashed). UserError naming the file when it cannot be read."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            if (w, h) != (size, size):
+                scale = size / min(w, h)
+                rw, rh = max(size, round(w * scale)), max(size, round(h * scale))
+                left, top = (rw - size) // 2, (rh - size) // 2
+                im = im.resize((rw, rh), Image.BILINEAR).crop((left, top, left + size, top + size))
+            return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise UserError(f"cannot read image {path} ({type(e).__name__}: {e}); remove or replace it") from None
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """A batch sampler whose batches are set before each pass: one DataLoader (and its workers) serves every
+    epoch, each with its own order."""
+
+    def __init__(self):
+        self.rows = []
+
+    def __iter__(self):
+        return iter([r.tolist() for r in self.rows])
+
+    def __len__(self):
+        return len(self.rows)
+
+
+class FileDecoder(torch.utils.data.Dataset):
+    """Image i of `paths` decoded at `size` (decode_image): what a DataLoader worker runs."""
+
+    def __init__(self, paths, size):
+        self.paths, self.size = paths, size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return decode_image(self.paths[i], self.size)
+
+
+class ImageFiles:
+    """Images kept as files and decoded (decode_image) when read: indexed with positions (an int64 tensor or a
+    slice) it gives uint8 (n, 3, size, size) as a tensor of decoded images would; `batches` decodes a pass's
+    batches in `workers` DataLoader processes, in order, ahead of use. It lives on the CPU: to(device) is itself."""
+
+    def __init__(self, paths, size, workers=0, pin_memory=False):
+        self.paths, self.size, self.workers, self.pin_memory = list(paths), size, workers, pin_memory
+        self.device = torch.device("cpu")
+        self._loader = self._sampler = None
+
+    def __getstate__(self):  # sent to other ranks as its file list: each starts its own workers
+        return {**self.__dict__, "_loader": None, "_sampler": None}
+
+    def __len__(self):
+        return len(self.paths)
+
+    @property
+    def shape(self):
+        return (len(self.paths), 3, self.size, self.size)
+
+    def take(self, rows):
+        """The files at `rows` (a slice or an int64 tensor of positions), not decoded."""
+        paths = self.paths[rows] if isinstance(rows, slice) else [self.paths[i] for i in rows.tolist()]
+        return ImageFiles(paths, self.size, self.workers, self.pin_memory)
+
+    def to(self, device):
+        """Itself, or on the way to a GPU its batches in pinned memory (copied to the GPU asynchronously)."""
+        pin = torch.device(device).type == "cuda"
+        return self if pin == self.pin_memory else ImageFiles(self.paths, self.size, self.workers, pin)
+
+    def __getitem__(self, rows):
+        positions = range(len(self.paths))[rows] if isinstance(rows, slice) else rows.tolist()
+        return torch.stack([decode_image(self.paths[i], self.size) for i in positions])
+
+    def batches(self, rows):
+        """The images at each int64 tensor of `rows`, one uint8 batch each, decoded by the workers (which stay
+        for the next pass)."""
+        if self._loader is None:
+            self._sampler = EpochBatches()
+            self._loader = torch.utils.data.DataLoader(FileDecoder(self.paths, self.size), batch_sampler=self._sampler,
+                                                       num_workers=self.workers, persistent_workers=self.workers > 0,
+                                                       pin_memory=self.pin_memory)
+        self._sampler.rows = list(rows)
+        return iter(self._loader)
+
+
+def subset(x, rows):
+    """Images `x` (a tensor or ImageFiles) at `rows` (a slice or an int64 tensor); files stay files."""
+    return x.take(rows) if isinstance(x, ImageFiles) else x[rows]
+
+
+def image_batches(x, rows):
+    """The uint8 images of `x` at each int64 tensor of `rows`, batch by batch: indexed from decoded tensors, or
+    decoded from files by ImageFiles' workers."""
+    return x.batches(rows) if isinstance(x, ImageFiles) else (x[r] for r in rows)
 
 
 def detect_layout(data_dir, download):
@@ -56,25 +166,23 @@ def list_imagefolder(root):
     return paths, labels, classes
 
 
-def decode_images(paths, size, desc):
-    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
-    for i, p in enumerate(tqdm(paths, desc=desc, unit="img", mininterval=1.0)):
-        try:
-            with Image.open(p) as im:
-                im = im.convert("RGB")
-                if im.size != (size, size):
-                    im = im.resize((size, size), Image.BILINEAR)
-                out[i] = np.asarray(im)
-        except (OSError, UnidentifiedImageError, ValueError) as e:
-            raise UserError(f"cannot read image {p} ({type(e).__name__}: {e}); remove or replace it") from None
-    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+def decode_images(files, desc, batch_size=256):
+    """Every image of `files` (ImageFiles) decoded into one uint8 (N, 3, size, size) tensor by its workers."""
+    out = torch.empty(files.shape, dtype=torch.uint8)
+    rows = torch.arange(len(files)).split(batch_size)
+    with tqdm(total=len(files), desc=desc, unit="img", mininterval=1.0) as bar:
+        for r, images in zip(rows, files.batches(rows)):
+            out[r] = images
+            bar.update(len(r))
+    return out
 
 
-def load_imagefolder(data_dir, size):
+def imagefolder_files(data_dir, size, workers):
+    """{'train': Split, 'test': Split} of ImageFiles: the listing only, nothing decoded."""
     result = {}
     for split in ("train", "test"):
         paths, labels, classes = list_imagefolder(os.path.join(data_dir, split))
-        result[split] = Split(decode_images(paths, size, f"decode {split}"), torch.tensor(labels), classes)
+        result[split] = Split(ImageFiles(paths, size, workers), torch.tensor(labels), classes)
     if result["train"].classes != result["test"].classes:
         raise UserError(f"train/ and test/ in {data_dir} have different class folders")
     return result
@@ -158,13 +266,82 @@ def cache_path(cache_dir, key):
     return os.path.join(cache_dir, f"data_{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt")
 
 
-def load_dataset(data_dir, download, cache_dir, image_size=32):
-    """{'train': Split, 'test': Split} with x uint8 (N, 3, H, W); decoded once, then read from the cache."""
+def resized(x, size):
+    """uint8 (N, 3, h, w) square images resized to size x size as decode_image resizes a file's (bilinear)."""
+    if x.shape[-1] == size:
+        return x
+    return torch.stack([torch.from_numpy(np.asarray(Image.fromarray(img.permute(1, 2, 0).numpy()).resize(
+        (size, size), Image.BILINEAR)).copy()).permute(2, 0, 1) for img in x])
+
+
+def available_memory():
+    """Bytes of memory available for decoded images: psutil's available memory, or the environment's
+    DATA_MEMORY_AVAILABLE (bytes; a test hook, and a cap a user may set)."""
+    if os.environ.get("DATA_MEMORY_AVAILABLE"):
+        return int(os.environ["DATA_MEMORY_AVAILABLE"])
+    try:
+        import psutil
+        return psutil.virtual_memory().available
+    except ImportError:  # a machine without it (requirements.txt installs it): the free pages the kernel counts
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def choose_data_mode(mode, n_images, image_size, can_stream=True):
+    """'ram' or 'stream' for DATA_MODE `mode` (auto | ram | stream): the decoded images (n_images x 3 x
+    image_size^2 bytes) kept in RAM when RAM_MARGIN times the copies this node holds fit the memory available, else
+    streamed from the files. A forced ram that cannot fit is refused at once, before decoding. Under data
+    parallelism each rank of the node holds a copy, and while rank 0 sends them (utils.dist.send) each holds two
+    more, serialised."""
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    copies = 1 if ranks == 1 else 3 * ranks
+    need, available = n_images * 3 * image_size ** 2 * copies, available_memory()
+    fits = need * RAM_MARGIN <= available
+    gib = lambda b: f"{b / 2**30:.2f} GiB"
+    sizes = (f"{n_images} images x 3 x {image_size}x{image_size} bytes x {copies} cop{'y' if copies == 1 else 'ies'}"
+             f" = {gib(need)}, {RAM_MARGIN}x that against {gib(available)} available")
+    if mode == "stream" and not can_stream:
+        raise UserError("DATA_MODE=stream reads an ImageFolder layout (DATA_DIR/train/<class>/<image> and test/); "
+                        "CIFAR-10's pickle files are read whole: use DATA_MODE=ram")
+    if mode == "ram" and not fits:
+        raise UserError(f"DATA_MODE=ram does not fit: {sizes}; use --DATA_MODE=stream (or auto), or a smaller "
+                        f"IMAGE_SIZE")
+    if mode == "auto":
+        if not fits and not can_stream:
+            raise UserError(f"the data does not fit in memory ({sizes}) and CIFAR-10's pickle files cannot be "
+                            f"streamed: make an ImageFolder copy, or use a smaller IMAGE_SIZE")
+        mode = "ram" if fits else "stream"
+        print(f"data: DATA_MODE=auto chose {mode} ({sizes})")
+    return mode
+
+
+def load_dataset(data_dir, download, cache_dir, image_size=32, data_mode="ram"):
+    """{'train': Split, 'test': Split} with x uint8 (N, 3, image_size, image_size): decoded once (by a DataLoader
+    worker a core), then read from the cache (ram); or ImageFiles that the batches decode, in a worker a core of
+    each rank (stream); data_mode auto chooses (choose_data_mode)."""
     layout = detect_layout(data_dir, download)
+    cores = os.cpu_count() or 1
+    files = imagefolder_files(data_dir, image_size, cores) if layout == "imagefolder" else None
+    n_images = sum(len(split.x) for split in files.values()) if files else 60000
+    if files:
+        with Image.open(files["train"].x.paths[0]) as first:
+            if first.size != (image_size, image_size):
+                print(f"data: images resized to a shorter side of {image_size} px and centre-cropped to "
+                      f"{image_size}x{image_size}, their aspect kept (the first is {first.size[0]}x{first.size[1]})")
+    if choose_data_mode(data_mode, n_images, image_size, can_stream=files is not None) == "stream":
+        workers = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        for split in files.values():
+            split.x.workers = workers
+        print(f"data: {data_dir} ({layout}) streamed from its files, decoded at {image_size}x{image_size} by "
+              f"{workers} worker process(es) a rank")
+        return files
     key = cache_key(data_dir, layout, image_size)
 
     def decode():
-        data = load_imagefolder(data_dir, image_size) if layout == "imagefolder" else load_cifar10(data_dir, download)
+        if files:
+            data = {s: Split(decode_images(f.x, f"decode {s}"), f.y, f.classes) for s, f in files.items()}
+        else:
+            data = {s: Split(resized(d.x, image_size), d.y, d.classes)
+                    for s, d in load_cifar10(data_dir, download).items()}
         print(f"data: {data_dir} ({layout}) decoded")
         return {"classes": data["train"].classes, "source": os.path.abspath(data_dir), "layout": layout,
                 **{s: {"x": data[s].x, "y": data[s].y} for s in ("train", "test")}}
@@ -181,8 +358,7 @@ def train_val_split(train, val_size, seed, subset=0):
                         f"got {val_size}")
     perm = torch.randperm(len(train.x), generator=torch.Generator().manual_seed(seed))
     val, rest = perm[:val_size], perm[val_size:]
-    held_out = Split(train.x[val], train.y[val], train.classes)
-    return Split(train.x[rest], train.y[rest], train.classes).head(subset), held_out
+    return train.select(rest).head(subset), train.select(val)
 
 
 class Batch(NamedTuple):
@@ -194,10 +370,17 @@ class Batch(NamedTuple):
     view: int = -1
 
 
-def augment_params(n, generator):
-    """Random pad-4 crop offsets and flips of n images: (3, n) int64 rows dy, dx (0..8) and flip (0 or 1)."""
-    dy = torch.randint(0, 9, (n,), generator=generator)
-    dx = torch.randint(0, 9, (n,), generator=generator)
+def crop_pad(size):
+    """Pixels of padding of the random crop of size x size images: 4 at 32 px, in proportion at other sizes."""
+    return max(1, size // 8)
+
+
+def augment_params(n, generator, size=32):
+    """Random pad-crop offsets (crop_pad(size)) and flips of n images: (3, n) int64 rows dy, dx (0..2 pad) and
+    flip (0 or 1)."""
+    span = 2 * crop_pad(size) + 1
+    dy = torch.randint(0, span, (n,), generator=generator)
+    dx = torch.randint(0, span, (n,), generator=generator)
     return torch.stack([dy, dx, random_flips(n, generator)])
 
 
@@ -207,11 +390,12 @@ def random_flips(n, generator):
 
 
 def apply_augment(x, params):
-    """Pad-4 crop at the offsets and horizontal flip of `params` (augment_params, on x's device) on a float batch
+    """Pad-crop at the offsets and horizontal flip of `params` (augment_params, on x's device) on a float batch
     (N, C, H, W), as tensor ops on x's device."""
     n, c, h, w = x.shape
     dy, dx, flip = params
-    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    pad = crop_pad(w)
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
     rows = (torch.arange(h, device=x.device).view(1, h, 1) + dy.view(n, 1, 1)).expand(n, h, w)
     cols = (torch.arange(w, device=x.device).view(1, 1, w) + dx.view(n, 1, 1)).expand(n, h, w)
     idx = torch.arange(n, device=x.device).view(n, 1, 1).expand(n, h, w)
@@ -219,11 +403,11 @@ def apply_augment(x, params):
     return torch.where(flip.bool().view(n, 1, 1, 1), out.flip(3), out)
 
 
-def fixed_views(n, views, seed):
-    """`views` fixed augmentations of each of n images, (views, 3, n): the same for the same seed, so a teacher's
-    logits on them can be computed once (utils.train.teacher_logits) and reused by every epoch showing them."""
+def fixed_views(n, views, seed, size=32):
+    """`views` fixed augmentations of each of n size x size images, (views, 3, n): the same for the same seed, so
+    a teacher's logits on them can be computed once (utils.train.teacher_logits) and reused by every epoch."""
     generator = torch.Generator().manual_seed(seed)
-    return torch.stack([augment_params(n, generator) for _ in range(views)])
+    return torch.stack([augment_params(n, generator, size) for _ in range(views)])
 
 
 def remirrored(params, generator):
@@ -254,23 +438,24 @@ def batches(x, y, batch_size, device, shuffle=False, train=False, generator=None
     if view is not None:
         params = view[1][:, order]
     elif train:
-        params = torch.cat([augment_params(min(batch_size, stop - i), generator)
+        params = torch.cat([augment_params(min(batch_size, stop - i), generator, x.shape[-1])
                             for i in range(0, stop, batch_size)], dim=1)
     else:
         params = None
     positions = _to(order, device)
-    at_images = positions if positions.device == x.device else _to(order, x.device)  # labels lie with the images
+    on = lambda t: positions if positions.device == t.device else _to(order, t.device)  # indices where t lies
+    at_images, at_labels = on(x), on(y)
     params = None if params is None else _to(params, device)
     rank, ranks = shard
     share = batch_size // ranks
-    for i in range(0, stop, batch_size):
-        rows = slice(i + rank * share, min(i + (rank + 1) * share, stop))
-        xb = _to(x[at_images[rows]], device).float().div_(255)
+    shares = [slice(i + rank * share, min(i + (rank + 1) * share, stop)) for i in range(0, stop, batch_size)]
+    for rows, images in zip(shares, image_batches(x, [at_images[r] for r in shares])):
+        xb = _to(images, device).float().div_(255)
         if params is not None:
             xb = apply_augment(xb, params[:, rows])
         if channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
-        yield Batch(xb, _to(y[at_images[rows]], device), positions[rows], -1 if view is None else view[0])
+        yield Batch(xb, _to(y[at_labels[rows]], device), positions[rows], -1 if view is None else view[0])
 
 
 def num_batches(n, batch_size, train):

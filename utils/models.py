@@ -21,6 +21,7 @@ from torchvision.models.resnet import conv1x1, conv3x3
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 STEMS = ("imagenet", "cifar", "stride2", "pool")
+LARGE_IMAGES = 96  # px from which ARCH=auto and STUDENTS=auto take the ImageNet stem (7x7 stride-2 conv, max-pool)
 
 # Named architectures: the constructor arguments each name stands for.
 ARCHS = {
@@ -86,9 +87,11 @@ class Block(nn.Module):
 
 class ResNet(nn.Module):
     """ResNet with BasicBlocks; `blocks` per stage, `widths` channels per stage, `mids` inner width per block
-    (None: each block as wide as its stage)."""
+    (None: each block as wide as its stage); image_size: the size of the square images it is made for (any size
+    runs through it; the ONNX export and the MAC count take this one)."""
 
-    def __init__(self, stem="imagenet", widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2), num_classes=10, mids=None):
+    def __init__(self, stem="imagenet", widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2), num_classes=10, mids=None,
+                 image_size=32):
         super().__init__()
         if stem not in STEMS:
             raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
@@ -101,7 +104,8 @@ class ResNet(nn.Module):
             raise ValueError(f"mids needs {len(full)} inner widths, >= 0, the first block's of each stage >= 1; "
                              f"got {mids}")
         # what a checkpoint needs to rebuild this model (mids only when they differ from the stage widths)
-        self.spec = model_spec(stem, widths, num_classes, blocks, None if mids == full else mids)
+        self.spec = model_spec(stem, widths, num_classes, blocks, None if mids == full else mids, image_size)
+        self.image_size = image_size
         self.register_buffer("mean", torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(CIFAR10_STD).view(1, 3, 1, 1))
         self.conv1, self.bn1, self.relu, self.maxpool = make_stem(stem, widths[0])
@@ -169,14 +173,16 @@ def build_model(spec):
     return ResNet(**kwargs)
 
 
-def model_spec(stem, widths, num_classes, blocks=(2, 2, 2, 2), mids=None):
+def model_spec(stem, widths, num_classes, blocks=(2, 2, 2, 2), mids=None, image_size=32):
     kwargs = {"stem": stem, "widths": list(widths), "blocks": list(blocks), "num_classes": num_classes}
     if mids is not None:
         kwargs["mids"] = [int(m) for m in mids]
+    if image_size != 32:  # only then: a 32 px model's spec (and every file keyed by it) is what it always was
+        kwargs["image_size"] = int(image_size)
     return {"class": "ResNet", "kwargs": kwargs}
 
 
-def count_macs(model, image_size=32):
+def count_macs(model):
     """Multiply-accumulates of one image's forward pass through the convolutions and the classifier (dense: zeros
     count, as ONNX Runtime's dense kernels run them), counted from the shapes, not timed. `model` is not changed:
     the count runs on a CPU copy built from its spec."""
@@ -191,7 +197,7 @@ def count_macs(model, image_size=32):
             total.append(module.in_features * module.out_features)
     handles = [m.register_forward_hook(hook) for m in counted.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     with torch.no_grad():
-        counted(torch.zeros(1, 3, image_size, image_size))
+        counted(torch.zeros(1, 3, counted.image_size, counted.image_size))
     for h in handles:
         h.remove()
     return int(sum(total))

@@ -53,9 +53,10 @@ def channel_groups(model):
 
 
 def dependency_graph(model):
-    """Torch-Pruning's dependency graph of `model` (traced on one 32x32 image)."""
+    """Torch-Pruning's dependency graph of `model` (traced on one image of its size)."""
     with torch.enable_grad():
-        return tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(1, 3, 32, 32), verbose=False)
+        size = model.image_size
+        return tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(1, 3, size, size), verbose=False)
 
 
 def group_of(graph, conv, idxs=None):
@@ -111,7 +112,7 @@ def structured_prune(model, keep_counts):
     mids = {name: 0 if name in removed else b.conv1.out_channels for name, b in blocks(pruned).items()}
     spec = model_spec(kw["stem"], [roots[stage].out_channels for stage in pruned.stages], kw["num_classes"],
                       kw["blocks"], [mids.get(f"{stage}.{i}", 0) for stage, n in zip(pruned.stages, kw["blocks"])
-                                     for i in range(n)])
+                                     for i in range(n)], kw.get("image_size", 32))
     rebuilt = build_model(spec).eval()
     rebuilt.load_state_dict({k: v for k, v in pruned.state_dict().items()
                              if not any(k.startswith(f"{name}.") for name in removed)})

@@ -43,12 +43,12 @@ def export_key(model, image_size):
             "torch": str(torch.__version__), "onnxscript": onnxscript.__version__}
 
 
-def export_onnx(model, path, image_size=32, reuse=()):
+def export_onnx(model, path, reuse=()):
     """Export a float model to ONNX with a dynamic batch dimension (torch.export based exporter) and return where
     it lies. A CPU copy is exported: `model` keeps its device, memory format and training mode. An export of the
     same model already at `path` or at one of `reuse` (its metadata holds the same export_key) is returned instead
     of exporting again: a rerun, and evaluate_results.py, reuse what compress_model.py exported."""
-    model = cpu_copy(model)
+    model, image_size = cpu_copy(model), model.image_size  # the input shape: the size the model is made for
     key = json.loads(json.dumps(export_key(model, image_size)))  # as read back from the metadata
     for earlier in (path, *reuse):
         if onnx_file_metadata(earlier, EXPORTED_FROM) == key:

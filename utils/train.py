@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from .checkpoint import Progress, check_same_model, load_checkpoint, load_clean_state_dict, write_checkpoint
 from .config import UserError
-from .data import batches, fixed_views, num_batches, remirrored
+from .data import batches, fixed_views, num_batches, remirrored, subset
 from .device import autocast, cudnn_autotune, peak_gpu_mib, reset_peak_gpu_memory
 from .dist import (all_gather_cat, all_sum, average_buffers, data_parallel_model, rank, run_job, shard,
                    training_threads, world)
@@ -126,7 +126,7 @@ class TeacherLogits:
     def __call__(self, train, *_):
         teacher = self.teacher.to(self.device)  # a follower's copy arrives on the CPU (utils.dist.send)
         rows = shard(len(train.x))
-        x, y = train.x[rows], train.y[rows]
+        x, y = subset(train.x, rows), train.y[rows]
         out = []
         for k in range(len(self.views)):
             view = (k, self.views[k][:, rows])
@@ -325,7 +325,7 @@ def validation_accuracy(model, val, device, batch_size):
     if world() == 1:
         return model_accuracy(model, val, device, batch_size)
     rows = shard(len(val[0]))
-    correct = model_correct(model, (val[0][rows], val[1][rows]), device, batch_size)
+    correct = model_correct(model, (subset(val[0], rows), val[1][rows]), device, batch_size)
     hits, n = all_sum([correct.sum().item(), len(correct)])
     return 100.0 * hits / n
 
@@ -336,7 +336,7 @@ def train_epochs(model, objective, recipe, train, val, optimizer, scheduler, pro
     rank 0 alone checkpoints, logs and prints. Returns the Progress."""
     ranks, writer = world(), rank() == 0
     steps = num_batches(len(train[0]), recipe.batch_size, train=True)
-    views = fixed_views(len(train[0]), recipe.views, recipe.seed) if recipe.views else None
+    views = fixed_views(len(train[0]), recipe.views, recipe.seed, train[0].shape[-1]) if recipe.views else None
     lookahead = (Lookahead(model, recipe.lookahead, progress.epoch * steps, recipe.epochs * steps)
                  if recipe.lookahead else None)
     net = data_parallel_model(model, stage.device) if ranks > 1 else model
