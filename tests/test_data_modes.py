@@ -50,9 +50,10 @@ def test_stream_and_ram_train_to_the_same_weights(imagefolder, tmp_path):
 
 
 def test_images_of_another_size_are_resized_and_centre_cropped_not_squashed(tmp_path):
-    """A 64x32 image, red | green green | blue in quarters: at 16 px its centre (green) is kept, its aspect too."""
-    img = np.zeros((32, 64, 3), np.uint8)
-    img[:, :16, 0], img[:, 16:48, 1], img[:, 48:, 2] = 255, 255, 255
+    """A 128x32 image, red | green green | blue in quarters: at 16 px its centre (green) is kept, its aspect too
+    (squashed, a quarter of it would be red and a quarter blue)."""
+    img = np.zeros((32, 128, 3), np.uint8)
+    img[:, :32, 0], img[:, 32:96, 1], img[:, 96:, 2] = 255, 255, 255
     Image.fromarray(img).save(tmp_path / "wide.png")
     out = decode_image(str(tmp_path / "wide.png"), 16)
     assert out.shape == (3, 16, 16) and out.dtype == torch.uint8
@@ -77,7 +78,8 @@ def test_a_forced_ram_that_cannot_fit_stops_in_one_line_before_decoding(imagefol
 
 
 # The tiny pipeline at 64 px from the files (one epoch a stage, one student): the 2-rank run is test_ranks.py's
-SHORT = ["--EPOCHS=1", "--KD_EPOCHS=1", "--STUDENTS=cifar:8-16-32-64:1", "--FINAL_EPOCHS=0"]
+SHORT = {"train": ["--EPOCHS=1", "--IMAGE_SIZE=64"],
+         "compress": ["--KD_EPOCHS=1", "--STUDENTS=cifar:8-16-32-64:1", "--FINAL_EPOCHS=0"], "evaluate": []}
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +90,10 @@ def stream_pipeline(imagefolder, tmp_path_factory):
     out = tmp_path_factory.mktemp("stream64")
     common = [f"--DATA_DIR={imagefolder}", f"--OUT_DIR={out}", "--DATA_MODE=stream"]
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()) as said:
-        for main, flags in ((train_baseline.main, TRAIN_FLAGS + ["--IMAGE_SIZE=64"]), (compress_model.main, COMPRESS_FLAGS),
-                            (evaluate_results.main, EVAL_FLAGS)):
-            mp.setattr("sys.argv", ["script"] + common + flags + SHORT)
+        for main, flags, short in ((train_baseline.main, TRAIN_FLAGS, SHORT["train"]),
+                                   (compress_model.main, COMPRESS_FLAGS, SHORT["compress"]),
+                                   (evaluate_results.main, EVAL_FLAGS, SHORT["evaluate"])):
+            mp.setattr("sys.argv", ["script"] + common + flags + short)
             run_cli(main)
     return out, said.getvalue()
 

@@ -73,7 +73,8 @@ class EpochBatches(torch.utils.data.Sampler):
 
 
 class FileDecoder(torch.utils.data.Dataset):
-    """Image i of `paths` decoded at `size` (decode_image): what a DataLoader worker runs."""
+    """Image i of `paths` decoded at `size` (decode_image): what a DataLoader worker runs. An image it cannot read
+    comes back as its one-line message (stacked_or_error), for the main process to raise."""
 
     def __init__(self, paths, size):
         self.paths, self.size = paths, size
@@ -82,7 +83,17 @@ class FileDecoder(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        return decode_image(self.paths[i], self.size)
+        try:
+            return decode_image(self.paths[i], self.size)
+        except UserError as e:
+            return str(e)
+
+
+def stacked_or_error(items):
+    """A DataLoader batch: the decoded images stacked, or the first message of an image that could not be read
+    (an exception raised in a worker would reach the main process as a traceback, not as one line)."""
+    errors = [item for item in items if isinstance(item, str)]
+    return errors[0] if errors else torch.stack(items)
 
 
 class ImageFiles:
@@ -126,9 +137,12 @@ class ImageFiles:
             self._sampler = EpochBatches()
             self._loader = torch.utils.data.DataLoader(FileDecoder(self.paths, self.size), batch_sampler=self._sampler,
                                                        num_workers=self.workers, persistent_workers=self.workers > 0,
-                                                       pin_memory=self.pin_memory)
+                                                       pin_memory=self.pin_memory, collate_fn=stacked_or_error)
         self._sampler.rows = list(rows)
-        return iter(self._loader)
+        for images in self._loader:
+            if isinstance(images, str):
+                raise UserError(images)
+            yield images
 
 
 def subset(x, rows):
@@ -266,6 +280,15 @@ def cache_path(cache_dir, key):
     return os.path.join(cache_dir, f"data_{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt")
 
 
+def image_size_of(path):
+    """(width, height) of an image file from its header; None when unreadable (decoding names it)."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, UnidentifiedImageError, ValueError):
+        return None
+
+
 def resized(x, size):
     """uint8 (N, 3, h, w) square images resized to size x size as decode_image resizes a file's (bilinear)."""
     if x.shape[-1] == size:
@@ -322,11 +345,10 @@ def load_dataset(data_dir, download, cache_dir, image_size=32, data_mode="ram"):
     cores = os.cpu_count() or 1
     files = imagefolder_files(data_dir, image_size, cores) if layout == "imagefolder" else None
     n_images = sum(len(split.x) for split in files.values()) if files else 60000
-    if files:
-        with Image.open(files["train"].x.paths[0]) as first:
-            if first.size != (image_size, image_size):
-                print(f"data: images resized to a shorter side of {image_size} px and centre-cropped to "
-                      f"{image_size}x{image_size}, their aspect kept (the first is {first.size[0]}x{first.size[1]})")
+    first = files and image_size_of(files["train"].x.paths[0])
+    if first and first != (image_size, image_size):
+        print(f"data: images resized to a shorter side of {image_size} px and centre-cropped to {image_size}x"
+              f"{image_size}, their aspect kept (the first is {first[0]}x{first[1]})")
     if choose_data_mode(data_mode, n_images, image_size, can_stream=files is not None) == "stream":
         workers = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
         for split in files.values():
