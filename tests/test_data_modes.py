@@ -79,7 +79,8 @@ def test_a_forced_ram_that_cannot_fit_stops_in_one_line_before_decoding(imagefol
 
 # The tiny pipeline at 64 px from the files (one epoch a stage, one student): the 2-rank run is test_ranks.py's
 SHORT = {"train": ["--EPOCHS=1", "--IMAGE_SIZE=64"],
-         "compress": ["--KD_EPOCHS=1", "--STUDENTS=cifar:8-16-32-64:1", "--FINAL_EPOCHS=0"], "evaluate": []}
+         "compress": ["--KD_EPOCHS=1", "--STUDENTS=cifar:16-32-64-128:1", "--FINAL_EPOCHS=0"], "evaluate": []}
+# (a student of 8 channels crashes torch 2.14.1's channels-last 1x1 stride-2 convolution backward on 48 px and up)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,9 @@ from .files import cache_or_compute
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp")
 CACHE_FORMAT = "uint8-cache-v3"  # v3: images of another size resized and centre-cropped keeping their aspect
 DATA_MODES = ("auto", "ram", "stream")
+# DataLoader workers start from a clean server process, not forked from the script's own: a fork inherits the
+# state of ONNX Runtime's and gloo's threads, and crashed in the tests
+WORKER_START = "forkserver"
 RAM_MARGIN = 1.5  # decoded bytes times this must fit the available memory for DATA_MODE=auto to keep them in RAM
 CIFAR_FILES = ["batches.meta"] + [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 
@@ -137,7 +140,8 @@ class ImageFiles:
             self._sampler = EpochBatches()
             self._loader = torch.utils.data.DataLoader(FileDecoder(self.paths, self.size), batch_sampler=self._sampler,
                                                        num_workers=self.workers, persistent_workers=self.workers > 0,
-                                                       pin_memory=self.pin_memory, collate_fn=stacked_or_error)
+                                                       pin_memory=self.pin_memory, collate_fn=stacked_or_error,
+                                                       multiprocessing_context=WORKER_START if self.workers else None)
         self._sampler.rows = list(rows)
         for images in self._loader:
             if isinstance(images, str):
