@@ -41,7 +41,7 @@ class Split(NamedTuple):
 
     def head(self, n):
         """The first n images (all when n is 0)."""
-        return self if not n else self.select(torch.arange(n))
+        return self if not n else self.select(torch.arange(min(n, len(self.x))))
 
 
 def decode_image(path, size):
