@@ -141,6 +141,7 @@ class ImageFiles:
             self._loader = torch.utils.data.DataLoader(FileDecoder(self.paths, self.size), batch_sampler=self._sampler,
                                                        num_workers=self.workers, persistent_workers=self.workers > 0,
                                                        pin_memory=self.pin_memory, collate_fn=stacked_or_error,
+                                                       generator=torch.Generator(),  # not the global RNG's draws
                                                        multiprocessing_context=WORKER_START if self.workers else None)
         self._sampler.rows = list(rows)
         for images in self._loader:
