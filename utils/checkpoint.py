@@ -1,12 +1,12 @@
 """Self-describing checkpoints: model class and constructor arguments, weights, training state, config,
 metrics and library versions in one dict, written atomically and read with weights_only=True."""
 import hashlib
+import importlib.metadata
 import os
 import platform
 from dataclasses import dataclass, field
 
 import torch
-import torchvision
 
 from .config import UserError
 from .files import atomic_save
@@ -26,7 +26,7 @@ MADE_BY = {stage: "train_baseline.py" if stage == "baseline" else "compress_mode
 def versions():
     import numpy
     return {"python": platform.python_version(), "torch": str(torch.__version__),
-            "torchvision": str(torchvision.__version__), "numpy": numpy.__version__}
+            "torchvision": importlib.metadata.version("torchvision"), "numpy": numpy.__version__}  # not imported
 
 
 def clean_state_dict(model):

@@ -3,8 +3,10 @@ either decoded once into uint8 tensors and cached (DATA_MODE=ram) or kept as fil
 DataLoader workers (DATA_MODE=stream, for data bigger than memory); the one train/validation split; batches
 augmented as tensors on the device, the same way on both paths."""
 import hashlib
+import multiprocessing
 import os
 import pickle
+import sys
 from typing import NamedTuple
 
 import numpy as np
@@ -21,6 +23,9 @@ DATA_MODES = ("auto", "ram", "stream")
 # DataLoader workers start from a clean server process, not forked from the script's own: a fork inherits the
 # state of ONNX Runtime's and gloo's threads, and crashed in the tests
 WORKER_START = "forkserver"
+# A worker runs the script's imports again before its first image (multiprocessing's way to a worker's __main__),
+# seconds for every DataLoader; the server imports these once, then each worker forked from it finds them there
+SERVER_IMPORTS = ("torch", "torchvision", "onnx", "onnxruntime", "matplotlib", "torch_pruning")
 RAM_MARGIN = 1.5  # decoded bytes times this must fit the available memory for DATA_MODE=auto to keep them in RAM
 CIFAR_FILES = ["batches.meta"] + [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 
@@ -137,6 +142,8 @@ class ImageFiles:
         """The images at each int64 tensor of `rows`, one uint8 batch each, decoded by the workers (which stay
         for the next pass)."""
         if self._loader is None:
+            multiprocessing.get_context(WORKER_START).set_forkserver_preload(  # once the server runs, a no-op
+                [__name__] + [m for m in SERVER_IMPORTS if m in sys.modules])
             self._sampler = EpochBatches()
             self._loader = torch.utils.data.DataLoader(FileDecoder(self.paths, self.size), batch_sampler=self._sampler,
                                                        num_workers=self.workers, persistent_workers=self.workers > 0,

@@ -16,7 +16,15 @@ from collections import OrderedDict
 
 import torch
 from torch import nn
-from torchvision.models.resnet import conv1x1, conv3x3
+
+
+def conv3x3(inplanes, planes, stride=1):  # torchvision's (not imported: importing torchvision.models takes seconds)
+    return nn.Conv2d(inplanes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+def conv1x1(inplanes, planes, stride=1):
+    return nn.Conv2d(inplanes, planes, kernel_size=1, stride=stride, bias=False)
+
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
