@@ -112,7 +112,7 @@ def structured_prune(model, keep_counts):
     mids = {name: 0 if name in removed else b.conv1.out_channels for name, b in blocks(pruned).items()}
     spec = model_spec(kw["stem"], [roots[stage].out_channels for stage in pruned.stages], kw["num_classes"],
                       kw["blocks"], [mids.get(f"{stage}.{i}", 0) for stage, n in zip(pruned.stages, kw["blocks"])
-                                     for i in range(n)], kw.get("image_size", 32))
+                                     for i in range(n)], pruned.image_size)
     rebuilt = build_model(spec).eval()
     rebuilt.load_state_dict({k: v for k, v in pruned.state_dict().items()
                              if not any(k.startswith(f"{name}.") for name in removed)})

@@ -35,11 +35,11 @@ class Quantization:
 EXPORTED_FROM = "exported_from"  # the metadata key of what a float export was made from (export_key)
 
 
-def export_key(model, image_size):
-    """What a float export is made from: the model's spec and weights, the image size and the exporter's
-    versions. Two exports with the same key are the same file."""
+def export_key(model):
+    """What a float export is made from: the model's spec and weights, the image size it is made for and the
+    exporter's versions. Two exports with the same key are the same file."""
     import onnxscript
-    return {"spec": model.spec, "weights": weights_fingerprint(model.state_dict()), "image_size": image_size,
+    return {"spec": model.spec, "weights": weights_fingerprint(model.state_dict()), "image_size": model.image_size,
             "torch": str(torch.__version__), "onnxscript": onnxscript.__version__}
 
 
@@ -48,12 +48,12 @@ def export_onnx(model, path, reuse=()):
     it lies. A CPU copy is exported: `model` keeps its device, memory format and training mode. An export of the
     same model already at `path` or at one of `reuse` (its metadata holds the same export_key) is returned instead
     of exporting again: a rerun, and evaluate_results.py, reuse what compress_model.py exported."""
-    model, image_size = cpu_copy(model), model.image_size  # the input shape: the size the model is made for
-    key = json.loads(json.dumps(export_key(model, image_size)))  # as read back from the metadata
+    model = cpu_copy(model)
+    key = json.loads(json.dumps(export_key(model)))  # as read back from the metadata
     for earlier in (path, *reuse):
         if onnx_file_metadata(earlier, EXPORTED_FROM) == key:
             return earlier
-    x = torch.rand(2, 3, image_size, image_size)
+    x = torch.rand(2, 3, model.image_size, model.image_size)  # the size the model is made for
     with atomic_path(path) as tmp, warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (x,), tmp, input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
