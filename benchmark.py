@@ -259,7 +259,7 @@ def report(out, argv, progress):
     print(f"benchmark: total {timing['total_s'] / 60:.1f} min ({timing['total_s_at_reference'] / 60:.1f} min at a "
           f"reference workload of {REFERENCE_SPEED} images/s; the scratch control "
           f"{timing['scratch_control_s'] / 60:.1f} min more) on {results['machine']['cpu']} "
-          f"({os.cpu_count()} cores{', ' + results['machine']['gpu'] if 'gpu' in results['machine'] else ''}), "
+          f"({results['machine']['cores']} cores{', ' + results['machine']['gpu'] if 'gpu' in results['machine'] else ''}), "
           f"{profile} profile, of which sensitivity analysis and search {search_s / 60:.1f} min")
     for stage, s in speeds.items():
         print(f"  {stage:<12} {s['epochs']:>3} epochs {s['seconds']:8.1f}s {s['images_per_s']:8.0f} img/s  "

@@ -35,9 +35,10 @@ import torch
 from utils.checkpoint import (ARTIFACTS, CONTROL, Progress, clean_state_dict, count_params, load_checkpoint,
                               load_model, weights_fingerprint, write_checkpoint)
 from utils.config import UserError, check_choice, check_range, config_type, configure, run_cli
-from utils.data import DATA_MODES, RAM_MARGIN, Split, available_memory, fixed_views, load_dataset, train_val_split
+from utils.data import (DATA_MODES, RAM_MARGIN, DataSource, Split, available_memory, check_batch, fixed_views,
+                        open_splits)
 from utils.device import check_amp_dtype, pick_device
-from utils.dist import data_parallel, follow, ranks_working, share_splits
+from utils.dist import data_parallel, follow, ranks_working, share_data
 from utils.files import ArtifactSet, atomic_write_text, cache_or_compute, file_digest, new_run_id, out_dir_lock, \
     write_json
 from utils.measure import Timing, eager_latency, model_accuracy, model_correct, percent
@@ -103,8 +104,10 @@ LATENCY_RUNS = 100           # timed batch-1 runs per candidate (batch 64: a ten
 CHANNELS_LAST = True         # channels-last memory format while training
 AMP_DTYPE = "auto"           # auto | float32 | bfloat16: autocast dtype of each training step (auto: bfloat16 where
                              # the CPU has bf16 matrix instructions or on a GPU; decisions are always float32)
-RANKS = "auto"               # auto | N: data-parallel processes for every training stage (auto: one per CPU core,
-                             # or per GPU); rank 0 alone measures and writes; env RANKS too
+RANKS = "auto"               # auto | N: data-parallel processes for every training stage; auto: one per GPU on CUDA,
+                             # on the CPU as many as use the most cores with 32+ images each a step, the cores shared
+                             # out as threads; rank 0 alone measures and writes; env RANKS too
+RANK_TIMEOUT = 300           # seconds a rank may stop answering (or a training collective wait) before the run ends
 SEED = 0                     # seed of initialisation, batch order and the calibration images
 # -----------------------------------------------------------------------------------------------
 PROFILES = {"cpu": {}, "gpu": {"KD_EPOCHS": 40, "TEACHER_VIEWS": 0, "BATCH_SIZE": 512, "KD_LR": 0.4,
@@ -128,6 +131,7 @@ def check_config(cfg):
     check_choice(cfg, "OBJECTIVE", OBJECTIVES)
     check_amp_dtype(cfg)
     check_range(cfg, "MAX_ACC_DROP", 0, 100)
+    check_range(cfg, "RANK_TIMEOUT", 1, 10**6)
     for name in ("BATCH_SIZE", "CALIB_IMAGES", "SENS_IMAGES", "LATENCY_THREADS", "LATENCY_RUNS",
                  "CHANNEL_MULTIPLE"):
         check_range(cfg, name, 1, 10**9)
@@ -203,15 +207,26 @@ class Distiller:
         return self.fit(stage, model, self.recipe(self.cfg.FINETUNE_LR, epochs))
 
 
-def load_splits(cfg, teacher):
-    """The baseline's own train/validation split (its VAL_SIZE, SEED and TRAIN_SUBSET), on the CPU; the data's
-    classes must be the ones the baseline was trained on."""
-    data = load_dataset(cfg.DATA_DIR, cfg.DOWNLOAD, cfg.OUT_DIR, teacher.model.image_size, cfg.DATA_MODE)
+def load_splits(cfg, teacher, layout):
+    """The baseline's own train/validation split (its image size, VAL_SIZE, SEED and TRAIN_SUBSET), on the CPU;
+    the data's classes must be the ones the baseline was trained on, and BATCH_SIZE no more than its training
+    images. The other ranks open the same (share_data)."""
+    base = teacher.ckpt["config"]
+    source = DataSource(cfg.DATA_DIR, cfg.DOWNLOAD, cfg.OUT_DIR, teacher.model.image_size, cfg.DATA_MODE,
+                        base["VAL_SIZE"], base["SEED"], base.get("TRAIN_SUBSET", 0))
+    data, train, val, source = open_splits(source, layout.threads)
     if data["train"].classes != teacher.classes:
         raise UserError(f"{teacher.path} was trained on the classes {teacher.classes}, but {cfg.DATA_DIR} holds "
                         f"{data['train'].classes}: use the data it was trained on, or train a new baseline")
-    base = teacher.ckpt["config"]
-    return train_val_split(data["train"], base["VAL_SIZE"], base["SEED"], base.get("TRAIN_SUBSET", 0))
+    check_batch(cfg.BATCH_SIZE, train)
+    share_data(source)
+    return on_device((data, train, val, source), cfg.DEVICE)
+
+
+def on_device(opened, device):
+    """(train on the training device, val on the CPU) of what open_splits returned."""
+    _, train, val, _ = opened
+    return train.to(device), val
 
 
 def baseline_on_val(teacher, val, cfg):
@@ -448,15 +463,14 @@ def main(argv):
     if started is None:
         return
     cfg, layout = started
-    if not layout.writer:  # a follower: trains its share of every stage rank 0 runs, computes its teacher logits
-        return follow(lambda train, val: (train.to(cfg.DEVICE), val))
+    if not layout.writer:  # a follower: opens the data rank 0 opened, trains its share of every stage rank 0 runs
+        return follow(lambda source: on_device(open_splits(source, layout.threads), cfg.DEVICE))
     torch.manual_seed(cfg.SEED)
     with out_dir_lock(cfg.OUT_DIR, "compress_model.py"), ranks_working(layout):
         t_start = time.time()
         teacher = Teacher(cfg)
         cfg = replace(cfg, STUDENTS=students_for(cfg, teacher.model.image_size))
-        train, val = share_splits(load_splits(cfg, teacher))
-        train = train.to(cfg.DEVICE)
+        train, val = load_splits(cfg, teacher, layout)
         cfg = views_that_fit(cfg, train, teacher)
         base_correct = baseline_on_val(teacher, val, cfg)
         kd = distillation_objective(teacher.model, cfg.KD_TEMPERATURE, cfg.KD_ALPHA,

@@ -22,6 +22,7 @@ from utils.checkpoint import ARTIFACTS, CONTROL, MADE_BY, load_checkpoint, load_
 from utils.config import UserError, check_choice, check_range, config_type, configure, run_cli
 from utils.data import DATA_MODES, load_dataset
 from utils.device import pick_device
+from utils.dist import launched_layout
 from utils.files import atomic_write_text, file_digest, out_dir_lock, write_json
 from utils.measure import (Timing, accuracy_interval, eager_latency, gzip_size, machine_info, model_correct,
                            ort_correct, ort_latency, paired_drop_interval, percent, results_table)
@@ -315,12 +316,13 @@ def write_results(rows, search, test, cfg, timing):
 
 
 def main(argv):
-    if int(os.environ.get("RANK", 0)):  # started by torchrun as one of several ranks: rank 0 alone evaluates
+    layout = launched_layout()
+    if not layout.writer:  # started by torchrun as one of several ranks: rank 0 alone evaluates
         return
     cfg = configure(Config, "evaluate_results", argv, check_config, {}, pick_device)
-    if "RANK" in os.environ:  # torchrun gave this rank one thread; accuracy uses every core
-        torch.set_num_threads(os.cpu_count())
-    timing = Timing(cfg.THREADS or os.cpu_count(), cfg.RUNS_B1, cfg.RUNS_B64, cfg.WARMUP)
+    if layout.world > 1:  # torchrun gave this rank one thread; accuracy uses every core
+        torch.set_num_threads(layout.cores)
+    timing = Timing(cfg.THREADS or layout.cores, cfg.RUNS_B1, cfg.RUNS_B64, cfg.WARMUP)
     print(f"threads: {timing.threads} for timing (PyTorch and ONNX Runtime), every core for accuracy")
     with out_dir_lock(cfg.OUT_DIR, "evaluate_results.py"):
         artifacts, search = load_artifacts(cfg)

@@ -12,9 +12,9 @@ import torch
 
 from utils.checkpoint import ARTIFACTS, versions
 from utils.config import UserError, check_choice, check_range, config_type, configure, run_cli
-from utils.data import DATA_MODES, load_dataset, train_val_split
+from utils.data import DATA_MODES, DataSource, check_batch, open_splits
 from utils.device import check_amp_dtype, pick_device
-from utils.dist import data_parallel, follow, ranks_working, share_splits
+from utils.dist import data_parallel, follow, ranks_working, share_data
 from utils.files import out_dir_lock
 from utils.measure import model_accuracy
 from utils.models import ARCHS, LARGE_IMAGES, ResNet, whiten_stem, zero_init_residual
@@ -48,7 +48,9 @@ TRAIN_SUBSET = 0             # train on the first N images of the training split
 CHANNELS_LAST = True         # channels-last memory format (faster convolutions on CPU and GPU)
 AMP_DTYPE = "auto"           # auto | float32 | bfloat16: autocast dtype of each training step (auto: bfloat16 where
                              # the CPU has bf16 matrix instructions or on a GPU; validation stays float32)
-RANKS = "auto"               # auto | N: data-parallel processes (auto: one per CPU core, or per GPU); env RANKS too
+RANKS = "auto"               # auto | N: data-parallel processes; auto: one per GPU on CUDA, on the CPU as many as use
+                             # the most cores with 32+ images each a step, the cores shared out as threads; env RANKS too
+RANK_TIMEOUT = 300           # seconds a rank may stop answering (or a training collective wait) before the run ends
 SEED = 0                     # seed of the validation split, initialisation and batch order
 # -----------------------------------------------------------------------------------------------
 PROFILES = {"cpu": {}, "gpu": {"EPOCHS": 40, "BATCH_SIZE": 512, "LR": 0.4, "AMP_DTYPE": "bfloat16"}}
@@ -65,6 +67,7 @@ def check_config(cfg):
     for name in ("TRAIN_SUBSET", "LOOKAHEAD"):
         check_range(cfg, name, 0, 10**9)
     check_range(cfg, "WHITEN_IMAGES", 1, 10**9)
+    check_range(cfg, "RANK_TIMEOUT", 1, 10**6)
     check_range(cfg, "LR", 0, 10, low_open=True)
     check_range(cfg, "LABEL_SMOOTHING", 0, 1, high_open=True)
     check_range(cfg, "MOMENTUM", 0, 1, high_open=True)
@@ -83,16 +86,18 @@ def arch_for(cfg):
     return "resnet18_cifar" if cfg.PROFILE == "gpu" else "resnet18_s2"
 
 
-def load_splits(cfg):
-    """Images decoded once into uint8 tensors (or files streamed, DATA_MODE); a validation split held out of
-    train; both on the CPU."""
-    data = load_dataset(cfg.DATA_DIR, cfg.DOWNLOAD, cfg.OUT_DIR, cfg.IMAGE_SIZE, cfg.DATA_MODE)
-    train, val = train_val_split(data["train"], cfg.VAL_SIZE, cfg.SEED, cfg.TRAIN_SUBSET)
+def load_splits(cfg, layout):
+    """Images decoded once into a uint8 cache (or files streamed, DATA_MODE); a validation split held out of
+    train; both on the CPU. The other ranks open the same (share_data)."""
+    source = DataSource(cfg.DATA_DIR, cfg.DOWNLOAD, cfg.OUT_DIR, cfg.IMAGE_SIZE, cfg.DATA_MODE, cfg.VAL_SIZE,
+                        cfg.SEED, cfg.TRAIN_SUBSET)
+    data, train, val, source = open_splits(source, layout.threads)
     print(f"data: {len(train.x)} train, {len(val.x)} validation, {len(data['test'].x)} test images, "
           f"{len(train.classes)} classes")
-    if len(train.x) < cfg.BATCH_SIZE:
-        raise UserError(f"BATCH_SIZE={cfg.BATCH_SIZE} is larger than the {len(train.x)} training images")
+    check_batch(cfg.BATCH_SIZE, train)
+    share_data(source)
     return train, val
+
 
 
 def build(cfg, train):
@@ -116,11 +121,11 @@ def main(argv):
     if started is None:
         return
     cfg, layout = started
-    if not layout.writer:  # a follower: trains its share of every stage rank 0 runs
-        return follow(lambda train, val: (train.to(cfg.DEVICE), val.to(cfg.DEVICE)))
+    if not layout.writer:  # a follower: opens the data rank 0 opened, trains its share of every stage rank 0 runs
+        return follow(lambda source: tuple(split.to(cfg.DEVICE) for split in open_splits(source, layout.threads)[1:3]))
     torch.manual_seed(cfg.SEED)
     with out_dir_lock(cfg.OUT_DIR, "train_baseline.py"), ranks_working(layout):
-        train, val = (split.to(cfg.DEVICE) for split in share_splits(load_splits(cfg)))
+        train, val = (split.to(cfg.DEVICE) for split in load_splits(cfg, layout))
         model, recipe = build(cfg, train)
         # Train (resumes an unfinished OUT_DIR/baseline.pth), checkpointing every epoch
         path = os.path.join(cfg.OUT_DIR, ARTIFACTS["baseline"])

@@ -26,6 +26,7 @@ def upsampled_copy(data_dir, size, target):
     """DATA_DIR's ImageFolder (train/ and test/) resized to size x size JPEGs under `target`, made once."""
     from multiprocessing import Pool
     from utils.data import list_imagefolder
+    from utils.device import cores
     done = os.path.join(target, ".complete")
     if os.path.exists(done):
         return target
@@ -36,7 +37,7 @@ def upsampled_copy(data_dir, size, target):
                   size) for p, label in zip(paths, labels)]
     for folder in {os.path.dirname(out) for _, out, _ in jobs}:
         os.makedirs(folder, exist_ok=True)
-    with Pool(os.cpu_count()) as pool:
+    with Pool(cores()) as pool:
         pool.map(resize_one, jobs, chunksize=256)
     open(done, "w").close()
     return target
@@ -94,6 +95,7 @@ def run(data_dir, out, mode, size, images):
 
 def main(argv):
     import torch
+    from utils.device import cores
     from utils.measure import reference_speed
     data_dir = os.environ.get("DATA_DIR")
     if not data_dir:
@@ -102,11 +104,11 @@ def main(argv):
     size = int(argv[0]) if argv else 96
     images = int(argv[1]) if len(argv) > 1 else 0
     work = argv[2] if len(argv) > 2 else os.path.join(ROOT, "runs_data_modes")
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(cores())
     reference = reference_speed(20.0)
     t0 = time.time()
     folder = upsampled_copy(data_dir, size, os.path.join(work, f"cifar10_{size}"))
-    print(f"reference workload {reference:.0f} images/s; {os.cpu_count()} cores; torch {torch.__version__}; "
+    print(f"reference workload {reference:.0f} images/s; {cores()} cores; torch {torch.__version__}; "
           f"{folder} ({time.time() - t0:.0f}s to make); {images or 'all the'} training images an epoch, "
           f"{epochs(images)} epoch(s), the last one's speed",
           flush=True)

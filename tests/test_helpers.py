@@ -97,7 +97,8 @@ def test_bf16_autocast_path_runs_on_cpu(tmp_path):
 
 
 def test_training_sums_the_loss_as_adding_each_step_on_the_host_did():
-    """The epoch's loss, summed on the device and read once, is the float64 sum of each step's loss.item()."""
+    """The epoch's loss, summed on the device and read once, is the float64 sum of each step's loss.item() times
+    its images."""
     model, (x, y) = tiny_model(), tiny_data(48)
     seen = []
 
@@ -108,11 +109,11 @@ def test_training_sums_the_loss_as_adding_each_step_on_the_host_did():
     recipe = TrainRecipe(lr=0.05, epochs=2, batch_size=16, momentum=0.9, weight_decay=0.0, seed=0)
     opt, sched = sgd_one_cycle(model, recipe, num_batches(48, 16, True))
     loader = batches(x, y, 16, "cpu", shuffle=True, train=True, generator=torch.Generator().manual_seed(0))
-    mean = train_one_epoch(model, objective, opt, sched, loader, 3, "test")
+    summed, images = train_one_epoch(model, objective, opt, sched, loader, 3, "test")
     total = 0.0
     for value, n in seen:
         total += value * n
-    assert len(seen) == 3 and mean == total / 48
+    assert len(seen) == 3 and images == 48 and summed == total
 
 
 def test_float16_training_is_refused_in_one_line(tmp_path, capsys, monkeypatch):

@@ -1,6 +1,7 @@
 """The three scripts end to end on tiny data, and what their artifacts must satisfy."""
 import json
 import os
+import warnings
 
 import onnx
 import pytest
@@ -9,6 +10,7 @@ from onnx import numpy_helper
 
 from utils.checkpoint import load_checkpoint, load_model
 from utils.prune import weight_sparsity
+from utils.quantize import load_dynamic_quant
 from utils.sparse import load_sparse_onnx
 from utils.data import load_dataset
 from utils.measure import ort_predict, ort_session
@@ -151,6 +153,14 @@ def rows_by_stage(pipeline):
 def test_dynamic_quantization_leaves_convolutions_float(pipeline):
     rows = rows_by_stage(pipeline)
     assert rows["dynamic_quant"]["size_bytes"] > 0.9 * rows["pruned"]["size_bytes"]
+
+
+def test_dynamic_quant_pth_loads_without_torchs_deprecation_warnings(pipeline):
+    """evaluate_results.py loads it amid the results it prints: torch's warnings about quantized storages stay out."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model, _ = load_dynamic_quant(os.path.join(pipeline, "dynamic_quant.pth"))
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 4)
 
 
 def test_int8_stores_the_weights_in_about_a_byte_each(pipeline):

@@ -1,9 +1,11 @@
-"""Data parallelism on the CPU (gloo, 2 processes, tiny data): a step at 2 ranks is the step of one process on the
-same global batch; the three scripts run under torchrun and from a plain start with --RANKS=2; the same seeds at
-2 ranks give the same weights; a killed 2-rank run resumes to the uninterrupted weights; a rank that raises ends
-the run with one line."""
+"""Data parallelism on the CPU (gloo, tiny data): a step at 3 ranks, the global batch split unevenly, is the step of
+one process on the same global batch; the three scripts run under torchrun and from a plain start with --RANKS=2;
+the same seeds at 2 ranks give the same weights; a killed 2-rank run resumes to the uninterrupted weights, and at
+1 rank; a rank that raises, or stops answering, ends the run with one line; a rank ends with its launcher."""
+import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,7 +19,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import COMPRESS_FLAGS, EVAL_FLAGS, TRAIN_FLAGS, tiny_data
-from utils.dist import Layout, all_gather_cat, follow, ranks_working, shard, share_splits
+import psutil
+
+from utils.dist import Layout, all_gather_cat, follow, in_job, join, ranks_working, shard, share_data
 from utils.train import CrossEntropy, Stage, TrainRecipe, fit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,22 +62,24 @@ def train_no_batchnorm(folder):
     return model.state_dict()
 
 
-def rank_worker(rank, port, folder):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def rank_worker(rank, port, folder, ranks):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(ranks))
+    layout = Layout(rank=rank, local_rank=rank, world=ranks, local_world=ranks, cores=2, threads=1)
+    join(layout, rank_timeout=60)
     torch.set_num_threads(1)
     if rank:
-        return follow(lambda train, val: (train, val))
-    with ranks_working(Layout(2, 1, 2, 0)):
-        share_splits((tiny_data(80), tiny_data(16, 1)))
-        torch.save(train_no_batchnorm(folder), os.path.join(folder, "two_ranks.pt"))
+        return follow(lambda splits: splits)
+    with ranks_working(layout):
+        share_data((tiny_data(80), tiny_data(16, 1)))
+        torch.save(train_no_batchnorm(folder), os.path.join(folder, "ranks.pt"))
 
 
-def test_steps_at_two_ranks_equal_the_steps_of_one_process_on_the_same_global_batches(tmp_path):
-    """Each rank takes half of every global batch and the gradients are averaged: without BatchNorm the weights
-    after 5 steps are those of one process, to float rounding (a wrong share or a sum for a mean is far off)."""
-    mp.spawn(rank_worker, args=(free_port(), str(tmp_path)), nprocs=2)
-    two = torch.load(tmp_path / "two_ranks.pt")
+def test_steps_at_three_ranks_equal_the_steps_of_one_process_on_the_same_global_batches(tmp_path):
+    """Each rank takes its share of every global batch of 16 (6, 5 and 5 images), its loss weighted by its share,
+    and the gradients are averaged: without BatchNorm the weights after 5 steps are those of one process, to float
+    rounding (an unweighted uneven share, a wrong share or a sum for a mean is far off)."""
+    mp.spawn(rank_worker, args=(free_port(), str(tmp_path), 3), nprocs=3)
+    two = torch.load(tmp_path / "ranks.pt")
     (tmp_path / "one").mkdir()
     one = train_no_batchnorm(str(tmp_path / "one"))
     start = no_batchnorm_model().state_dict()
@@ -86,11 +92,15 @@ def shares_worker(rank, port, folder):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     rows = shard(7)
-    torch.save(((rows.start, rows.stop), all_gather_cat(torch.arange(7)[rows])), os.path.join(folder, f"{rank}.pt"))
+    with pytest.raises(RuntimeError, match="inside a job"):  # outside a job a collective could pair with a wrong one
+        all_gather_cat(torch.arange(7)[rows])
+    with in_job():
+        gathered = all_gather_cat(torch.arange(7)[rows])
+    torch.save(((rows.start, rows.stop), gathered), os.path.join(folder, f"{rank}.pt"))
     dist.destroy_process_group()
 
 
-def test_shares_cover_every_item_once_and_gather_back_in_order(tmp_path):
+def test_shares_cover_every_item_once_and_gather_back_in_order_inside_a_job_only(tmp_path):
     mp.spawn(shares_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     (rows0, all0), (rows1, all1) = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
     assert (rows0, rows1) == ((0, 4), (4, 7))
@@ -155,22 +165,24 @@ def test_a_killed_plain_start_at_two_ranks_resumes_to_the_weights_of_the_uninter
     said = [line for line in (tmp_path / "first.err").read_text().replace("\r", "\n").splitlines()
             if "interrupted" in line or "error" in line.lower()]
     assert said == ["interrupted (SIGTERM): rerun the same command to resume from the last finished epoch"], said
+    (tmp_path / "one").mkdir()
+    shutil.copy(tmp_path / "baseline.pth", tmp_path / "one" / "baseline.pth")  # the killed run's, for one rank
     again = run(command)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "layout: 2 rank(s) x 1 thread(s)" in again.stdout
     assert "resuming" in again.stdout, "the run was not killed before its end"
     a, b = state(torchrun_run[0]), state(tmp_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the same killed stage resumed by one process (another machine, --RANKS=1 to debug): it says so and finishes
+    one = run([sys.executable] + script("train_baseline.py", tmp_path / "one", imagefolder, TRAIN + ["--RANKS=1"]))
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert "resuming" in one.stdout and "the world size changed from 2 to 1 rank(s)" in one.stdout, one.stdout
+    assert torch.load(tmp_path / "one" / "baseline.pth", weights_only=True)["finished"]
 
 
-def test_a_checkpoint_of_another_number_of_ranks_is_refused_in_one_line(torchrun_run, imagefolder, tmp_path):
-    """An unfinished 2-rank checkpoint, resumed by one process: one line, exit status 2."""
-    ckpt = torch.load(torchrun_run[0] / "baseline.pth", weights_only=True)
-    ckpt.update(epoch=1, finished=False)
-    torch.save(ckpt, tmp_path / "baseline.pth")
-    proc = run([sys.executable] + script("train_baseline.py", tmp_path, imagefolder, TRAIN + ["--RANKS=1"]))
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: ")
-    assert "ranks" in proc.stderr.strip().splitlines()[-1]
+def test_a_stage_finished_at_two_ranks_is_reused_at_one(torchrun_run, imagefolder):
+    proc = run([sys.executable] + script("train_baseline.py", torchrun_run[0], imagefolder, TRAIN + ["--RANKS=1"]))
+    assert proc.returncode == 0 and "baseline: already trained" in proc.stdout, proc.stderr[-2000:]
 
 
 def test_a_rank_that_raises_ends_the_whole_run_with_one_line(imagefolder, tmp_path):
@@ -184,8 +196,57 @@ def test_a_rank_that_raises_ends_the_whole_run_with_one_line(imagefolder, tmp_pa
     assert time.time() - t0 < 60
 
 
-def test_a_batch_that_the_ranks_do_not_divide_is_refused_in_one_line(imagefolder, tmp_path):
-    proc = run([sys.executable] + script("train_baseline.py", tmp_path, imagefolder, TRAIN_FLAGS + ["--BATCH_SIZE=33"]))
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-        "error: BATCH_SIZE=33 does not split into 2 equal shares: use a multiple of 2, or --RANKS with a divisor of it"]
+def ranks_of(proc):
+    """{RANK: psutil.Process} of the ranks a plain start launched."""
+    found = {}
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "RANK" in child.environ():
+                found[int(child.environ()["RANK"])] = child
+    return found
+
+
+def started_training(imagefolder, folder, flags):
+    """A plain start at 2 ranks, once its first epoch has ended: (the launcher's Popen, its ranks)."""
+    command = [sys.executable] + script("train_baseline.py", folder, imagefolder, TRAIN_FLAGS + ["--EPOCHS=40"] + flags)
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT,
+                            stdin=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not ((folder / "metrics.jsonl").exists() and (folder / "metrics.jsonl").read_text().count("\n") >= 1):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    return proc, ranks_of(proc)
+
+
+def test_a_rank_that_stops_answering_ends_the_run_within_the_timeout_with_one_line(imagefolder, tmp_path):
+    """Rank 1 stopped (SIGSTOP) mid-epoch: the heartbeats name it after RANK_TIMEOUT=5 s, the run ends with exit
+    status 2 and one line, and no process of it is left (the stopped rank included)."""
+    proc, ranks = started_training(imagefolder, tmp_path, ["--RANK_TIMEOUT=5"])
+    ranks[1].send_signal(signal.SIGSTOP)
+    t0 = time.time()
+    try:
+        _, stderr = proc.communicate(timeout=45)
+    finally:
+        with contextlib.suppress(psutil.Error):
+            ranks[1].kill()
+    errors = [line for line in stderr.replace("\r", "\n").splitlines() if "error" in line.lower()]
+    assert proc.returncode == 2 and len(errors) == 1, stderr[-2000:]
+    assert errors[0].startswith(f"error: rank 1 (pid {ranks[1].pid} on ") and "stopped answering for 5 s" in errors[0]
+    assert time.time() - t0 < 30 and not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+                                              for p in ranks.values())
+
+
+def test_the_ranks_end_within_seconds_of_their_killed_launcher(imagefolder, tmp_path):
+    """The launcher alone SIGKILLed (the OOM killer, say): its ranks, in sessions of their own, see it gone and end,
+    so the folder's lock is free for a rerun."""
+    proc, ranks = started_training(imagefolder, tmp_path, [])
+    proc.kill()
+    proc.communicate()
+    deadline = time.time() + 10
+    while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ranks.values()):
+        if time.time() > deadline:
+            for p in ranks.values():
+                p.kill()
+            raise AssertionError("a rank outlived its launcher by 10 s")
+        time.sleep(0.1)
 

@@ -25,8 +25,8 @@ def run_cli(main):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        if os.environ.get("RANK", "0") == "0":  # one line: the other ranks of a data-parallel run stay quiet
-            print("interrupted: rerun the same command to resume from the last finished epoch", file=sys.stderr)
+        # one line: the other ranks of a data-parallel run end quietly (utils.dist.data_parallel)
+        print("interrupted: rerun the same command to resume from the last finished epoch", file=sys.stderr)
         sys.exit(130)
     except OSError as e:  # no space, read-only or missing folder, no permission: the path and the reason
         where = f" {e.filename}" if e.filename else ""

@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import pickle
 import sys
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -15,6 +16,8 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from .config import UserError
+from .device import cores
+from .dist import split_evenly
 from .files import cache_or_compute
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp")
@@ -41,7 +44,7 @@ class Split(NamedTuple):
         return Split(self.x.to(device), self.y.to(device), self.classes)
 
     def select(self, idx):
-        """The images at positions `idx` (an int64 tensor), in that order (files stay files)."""
+        """The images at positions `idx` (an int64 tensor), in that order, gathered only when read (subset)."""
         return Split(subset(self.x, idx.to(self.x.device)), self.y[idx.to(self.y.device)], self.classes)
 
     def head(self, n):
@@ -157,9 +160,45 @@ class ImageFiles:
             yield images
 
 
+class ImageRows:
+    """The images of a uint8 tensor (N, 3, H, W) at `rows` (int64 positions), gathered when read: a split of the
+    decoded images that holds no copy of its own, so that every rank of a machine reads the one memory-mapped
+    cache. Indexed with positions (an int64 tensor or a slice) it gives uint8 (n, 3, H, W) as a tensor would;
+    on a GPU it becomes a tensor there (to)."""
+
+    def __init__(self, images, rows):
+        self.images, self.rows = images, rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    @property
+    def shape(self):
+        return (len(self.rows), *self.images.shape[1:])
+
+    @property
+    def device(self):
+        return self.images.device
+
+    def take(self, rows):
+        return ImageRows(self.images, self.rows[rows])
+
+    def __getitem__(self, rows):
+        return self.images[self.rows[rows]]
+
+    def to(self, device):
+        """Itself on the CPU; on another device the gathered images there (a tensor)."""
+        return self if torch.device(device).type == "cpu" else self.images[self.rows].to(device)
+
+
 def subset(x, rows):
-    """Images `x` (a tensor or ImageFiles) at `rows` (a slice or an int64 tensor); files stay files."""
-    return x.take(rows) if isinstance(x, ImageFiles) else x[rows]
+    """Images `x` (a tensor, ImageRows or ImageFiles) at `rows` (a slice or an int64 tensor): files stay files, a
+    tensor on the CPU becomes the rows of it (ImageRows), not a copy."""
+    if isinstance(x, (ImageFiles, ImageRows)):
+        return x.take(rows)
+    if x.device.type == "cpu":
+        return ImageRows(x, torch.arange(len(x))[rows] if isinstance(rows, slice) else rows)
+    return x[rows]
 
 
 def image_batches(x, rows):
@@ -323,17 +362,14 @@ def available_memory():
 
 def choose_data_mode(mode, n_images, image_size, can_stream=True):
     """'ram' or 'stream' for DATA_MODE `mode` (auto | ram | stream): the decoded images (n_images x 3 x
-    image_size^2 bytes) kept in RAM when RAM_MARGIN times the copies this node holds fit the memory available, else
-    streamed from the files. A forced ram that cannot fit is refused at once, before decoding. Under data
-    parallelism each rank of the node holds a copy, and while rank 0 sends them (utils.dist.send) each holds two
-    more, serialised."""
-    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    copies = 1 if ranks == 1 else 3 * ranks
-    need, available = n_images * 3 * image_size ** 2 * copies, available_memory()
+    image_size^2 bytes) kept in RAM when RAM_MARGIN times them fit the memory available, else streamed from the
+    files. A forced ram that cannot fit is refused at once, before decoding. One copy a machine, whatever its
+    ranks: every rank reads the one cache file memory-mapped (load_dataset), and the splits are rows of it."""
+    need, available = n_images * 3 * image_size ** 2, available_memory()
     fits = need * RAM_MARGIN <= available
     gib = lambda b: f"{b / 2**30:.2f} GiB"
-    sizes = (f"{n_images} images x 3 x {image_size}x{image_size} bytes x {copies} cop{'y' if copies == 1 else 'ies'}"
-             f" = {gib(need)}, {RAM_MARGIN}x that against {gib(available)} available")
+    sizes = (f"{n_images} images x 3 x {image_size}x{image_size} bytes = {gib(need)} (one copy a machine), "
+             f"{RAM_MARGIN}x that against {gib(available)} available")
     if mode == "stream" and not can_stream:
         raise UserError("DATA_MODE=stream reads an ImageFolder layout (DATA_DIR/train/<class>/<image> and test/); "
                         "CIFAR-10's pickle files are read whole: use DATA_MODE=ram")
@@ -349,20 +385,21 @@ def choose_data_mode(mode, n_images, image_size, can_stream=True):
     return mode
 
 
-def load_dataset(data_dir, download, cache_dir, image_size=32, data_mode="ram"):
+def load_dataset(data_dir, download, cache_dir, image_size=32, data_mode="ram", workers=None):
     """{'train': Split, 'test': Split} with x uint8 (N, 3, image_size, image_size): decoded once (by a DataLoader
-    worker a core), then read from the cache (ram); or ImageFiles that the batches decode, in a worker a core of
-    each rank (stream); data_mode auto chooses (choose_data_mode)."""
+    worker a core) into a cache file, then read from it memory-mapped (ram: the ranks of a machine share its
+    pages); or ImageFiles that the batches decode in `workers` processes (stream; default a core each: under
+    data parallelism a rank's threads); data_mode auto chooses (choose_data_mode)."""
     layout = detect_layout(data_dir, download)
-    cores = os.cpu_count() or 1
-    files = imagefolder_files(data_dir, image_size, cores) if layout == "imagefolder" else None
+    n_cores = cores()
+    files = imagefolder_files(data_dir, image_size, n_cores) if layout == "imagefolder" else None
     n_images = sum(len(split.x) for split in files.values()) if files else 60000
     first = files and image_size_of(files["train"].x.paths[0])
     if first and first != (image_size, image_size):
         print(f"data: images resized to a shorter side of {image_size} px and centre-cropped to {image_size}x"
               f"{image_size}, their aspect kept (the first is {first[0]}x{first[1]})")
     if choose_data_mode(data_mode, n_images, image_size, can_stream=files is not None) == "stream":
-        workers = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        workers = workers or n_cores
         for split in files.values():
             split.x.workers = workers
         print(f"data: {data_dir} ({layout}) streamed from its files, decoded at {image_size}x{image_size} by "
@@ -379,8 +416,14 @@ def load_dataset(data_dir, download, cache_dir, image_size=32, data_mode="ram"):
         print(f"data: {data_dir} ({layout}) decoded")
         return {"classes": data["train"].classes, "source": os.path.abspath(data_dir), "layout": layout,
                 **{s: {"x": data[s].x, "y": data[s].y} for s in ("train", "test")}}
-    cached = cache_or_compute(cache_path(cache_dir, key), key, decode, "data")
+    cached = cache_or_compute(cache_path(cache_dir, key), key, decode, "data", mmap=True)
     return {s: Split(cached[s]["x"], cached[s]["y"], cached["classes"]) for s in ("train", "test")}
+
+
+def check_batch(batch_size, train):
+    """A global batch no larger than the training split (every epoch drops its last partial batch)."""
+    if len(train.x) < batch_size:
+        raise UserError(f"BATCH_SIZE={batch_size} is larger than the {len(train.x)} training images")
 
 
 def train_val_split(train, val_size, seed, subset=0):
@@ -397,11 +440,14 @@ def train_val_split(train, val_size, seed, subset=0):
 
 class Batch(NamedTuple):
     """One training or evaluation batch: images (float in [0, 1]), labels and the images' positions in their split,
-    all on the device, and which fixed augmentation view they show (-1: a fresh random one, or none)."""
+    all on the device, which fixed augmentation view they show (-1: a fresh random one, or none), and the weight
+    of its mean loss under data parallelism (its share of the global batch times the ranks: 1 where the shares
+    are equal), so that the ranks' averaged gradients are those of the global batch's mean loss."""
     x: torch.Tensor
     y: torch.Tensor
     idx: torch.Tensor
     view: int = -1
+    weight: float = 1.0
 
 
 def crop_pad(size):
@@ -460,8 +506,8 @@ def batches(x, y, batch_size, device, shuffle=False, train=False, generator=None
             shard=(0, 1)):
     """Yield Batches on `device`; with train=True shuffled, augmented, last partial dropped. view: (index, (3, N)
     params) of a fixed augmentation view for every image (fixed_views), instead of fresh random ones. shard:
-    (rank, ranks): of every batch of `batch_size` images (which `ranks` divides), the rank's contiguous share
-    (data parallelism: the same images and augmentations as one process, split).
+    (rank, ranks): of every batch of `batch_size` images, the rank's contiguous share, as even as it goes (data
+    parallelism: the same images and augmentations as one process, split; Batch.weight says the share).
 
     The epoch's order and augmentation parameters are drawn up front, from the generator in the order drawing
     them batch by batch would use (the order, then each batch's crops and flips: the same batches for the same
@@ -481,16 +527,41 @@ def batches(x, y, batch_size, device, shuffle=False, train=False, generator=None
     at_images, at_labels = on(x), on(y)
     params = None if params is None else _to(params, device)
     rank, ranks = shard
-    share = batch_size // ranks
-    shares = [slice(i + rank * share, min(i + (rank + 1) * share, stop)) for i in range(0, stop, batch_size)]
-    for rows, images in zip(shares, image_batches(x, [at_images[r] for r in shares])):
+    steps = [(i, min(batch_size, stop - i)) for i in range(0, stop, batch_size)]
+    shares = [slice(i + share.start, i + share.stop) for i, n in steps for share in [split_evenly(n, rank, ranks)]]
+    for (_, n), rows, images in zip(steps, shares, image_batches(x, [at_images[r] for r in shares])):
         xb = _to(images, device).float().div_(255)
         if params is not None:
             xb = apply_augment(xb, params[:, rows])
         if channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
-        yield Batch(xb, _to(y[at_labels[rows]], device), positions[rows], -1 if view is None else view[0])
+        yield Batch(xb, _to(y[at_labels[rows]], device), positions[rows], -1 if view is None else view[0],
+                    (rows.stop - rows.start) * ranks / n)
 
 
 def num_batches(n, batch_size, train):
     return n // batch_size if train and n >= batch_size else -(-n // batch_size)
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where a run's images come from and how they split, which every rank opens the same way (open_splits): the
+    data folder, the cache's folder, the image size, DATA_MODE, and the baseline's VAL_SIZE, SEED and
+    TRAIN_SUBSET. Small: under data parallelism rank 0 sends this, never the images."""
+    data_dir: str
+    download: bool
+    cache_dir: str
+    image_size: int
+    mode: str
+    val_size: int
+    seed: int
+    subset: int = 0
+
+
+def open_splits(source, workers=None):
+    """(data, train, val, source): the data set (load_dataset; `workers` decode when it streams), its train and
+    validation splits (train_val_split), and the source with its mode resolved (ram or stream), for the other
+    ranks to open the same (they read the cache rank 0 made)."""
+    data = load_dataset(source.data_dir, source.download, source.cache_dir, source.image_size, source.mode, workers)
+    train, val = train_val_split(data["train"], source.val_size, source.seed, source.subset)
+    return data, train, val, replace(source, mode="stream" if isinstance(train.x, ImageFiles) else "ram")

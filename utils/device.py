@@ -1,6 +1,7 @@
 """Where and in what precision the work runs: the device, mixed-precision autocast, exact float32 for
 decisions, and thread counts, each set for one block and restored after it."""
 import contextlib
+import os
 
 import torch
 
@@ -11,6 +12,12 @@ AMP_DTYPES = ("auto", "float32", "bfloat16")  # float16 is refused: training has
 # (AMD Zen 4 and later, Intel Cooper Lake). bf16 training steps ran 1.5-2.4x faster than float32 on both kinds of
 # this project's machines (docs/experiments.md); elsewhere bf16 is emulated and slower.
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cores():
+    """CPU cores this process may run on: its affinity mask (what a container, Slurm or taskset allows), not the
+    machine's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def pick_device(name):
@@ -45,12 +52,21 @@ def resolve_amp_dtype(amp_dtype, device):
     instructions (BF16_CPU_FLAGS), else float32; any other value is kept."""
     if amp_dtype != "auto":
         return amp_dtype, "as asked"
-    if torch.device(device).type == "cuda":
-        return ("bfloat16", "this GPU runs it") if torch.cuda.is_bf16_supported() else ("float32", "no bf16 on this GPU")
+    if torch.device(device).type == "cuda":  # asked of this rank's GPU (set before: utils.dist.join)
+        return (("bfloat16", "this GPU runs it") if gpu_runs_bf16() else
+                ("float32", "this GPU has no native bf16 (emulated bf16 is slower than float32)"))
     found = [flag for flag in BF16_CPU_FLAGS if flag in cpu_flags()]
     if found:
         return "bfloat16", f"this CPU has {' and '.join(found)}"
     return "float32", f"this CPU has neither {' nor '.join(BF16_CPU_FLAGS)}"
+
+
+def gpu_runs_bf16():
+    """Whether the current GPU runs bf16 natively (Ampere and later); emulated bf16 does not count."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # a torch without the argument: it counted native support only
+        return torch.cuda.is_bf16_supported()
 
 
 def autocast(device, amp_dtype):

@@ -63,10 +63,11 @@ def write_json(path, obj, indent=1):
     atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
 
 
-def cache_or_compute(path, key, compute, what):
+def cache_or_compute(path, key, compute, what, mmap=False):
     """The dict stored at `path` when it was made from `key`, else compute() (a dict), stored there beside the key
     (atomically: JSON for a .json path, else torch.save, read back weights-only) and returned. A file that is
-    unreadable or made from another key is computed again; one line says which happened."""
+    unreadable or made from another key is computed again; one line says which happened. mmap: tensors read
+    memory-mapped from the file, also right after computing them (every process that reads it shares its pages)."""
     if os.path.exists(path):
         try:
             if path.endswith(".json"):
@@ -74,7 +75,7 @@ def cache_or_compute(path, key, compute, what):
                     saved = json.load(f)
             else:
                 import torch
-                saved = torch.load(path, weights_only=True)
+                saved = torch.load(path, weights_only=True, mmap=mmap)
             if saved.get("key") == key:
                 print(f"{what}: reusing {path}")
                 return {k: v for k, v in saved.items() if k != "key"}
@@ -87,6 +88,10 @@ def cache_or_compute(path, key, compute, what):
         write_json(path, record)
     else:
         atomic_save(record, path)
+        if mmap:
+            import torch
+            del value, record
+            return {k: v for k, v in torch.load(path, weights_only=True, mmap=True).items() if k != "key"}
     return value
 
 

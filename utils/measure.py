@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .data import batches
-from .device import exact_float32, torch_threads
+from .device import cores, exact_float32, torch_threads
 
 
 @dataclass
@@ -34,7 +34,7 @@ def ort_session(model, threads=None):
     """An ONNX Runtime CPU session on a path or serialized model; threads=None: every core."""
     import onnxruntime as ort
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads or os.cpu_count()
+    opts.intra_op_num_threads = threads or cores()
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
@@ -185,7 +185,7 @@ def machine_info():
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+    info = {"cpu": cpu, "cores": cores(), "platform": platform.platform(),
             "onnxruntime": onnxruntime.__version__}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)

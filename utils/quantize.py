@@ -159,10 +159,16 @@ def dynamic_quant(model, path, meta):
 
 def load_dynamic_quant(path):
     """Rebuild the dynamically quantized model from its checkpoint: float model, quantize_dynamic, its weights."""
-    ckpt = load_checkpoint(path, "dynamic_quant")
-    model = dynamic_quant_model(build_model(ckpt["model"]))
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except (KeyError, RuntimeError) as e:
-        raise UserError(f"{path}: weights do not fit the architecture it names ({type(e).__name__})") from None
+    with warnings.catch_warnings():
+        # torch deprecates the storages and constructors of quantized tensors (TypedStorage, _qtensor) that loading
+        # these weights goes through: its warnings would land amid the results a user reads
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        ckpt = load_checkpoint(path, "dynamic_quant")
+        model = dynamic_quant_model(build_model(ckpt["model"]))
+        try:
+            model.load_state_dict(ckpt["state_dict"])
+        except (KeyError, RuntimeError) as e:
+            raise UserError(f"{path}: weights do not fit the architecture it names ({type(e).__name__})") from None
     return model, ckpt

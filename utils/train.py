@@ -14,7 +14,7 @@ from .checkpoint import Progress, check_same_model, load_checkpoint, load_clean_
 from .config import UserError
 from .data import batches, fixed_views, num_batches, remirrored, subset
 from .device import autocast, cudnn_autotune, peak_gpu_mib, reset_peak_gpu_memory
-from .dist import (all_gather_cat, all_sum, average_buffers, data_parallel_model, rank, run_job, shard,
+from .dist import (all_gather_cat, all_sum, average_batchnorm, data_parallel_model, rank, run_job, shard,
                    training_threads, world)
 from .measure import model_accuracy, model_correct
 
@@ -50,10 +50,30 @@ def recipe_from(cfg, lr, epochs, views=0, mirror_views=False):
                        lookahead=cfg.LOOKAHEAD)
 
 
+# torch 2.14.1 crashed in the channels-last backward pass of a 1x1 stride-2 convolution with 8 input channels on
+# images from 48 px up (seen in a test on one machine of the fleet); such a model trains contiguous instead
+NARROW_STRIDED_1X1 = 16  # input channels under which a 1x1 stride-2 convolution keeps a model out of channels-last
+NARROW_FROM_PX = 48
+
+
+def channels_last_safe(model):
+    """Whether `model` may train channels-last: not when it has a 1x1 stride-2 convolution of fewer than
+    NARROW_STRIDED_1X1 input channels and takes images of NARROW_FROM_PX px or more."""
+    if getattr(model, "image_size", 32) < NARROW_FROM_PX:
+        return True
+    return not any(isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1) and m.stride == (2, 2)
+                   and m.in_channels < NARROW_STRIDED_1X1 for m in model.modules())
+
+
 def placed_for_training(model, device, channels_last):
-    """`model` moved (in place, as Module.to does) to the training device and, with channels_last, memory format:
-    what a script does to the model it is about to train."""
+    """`model` moved (in place, as Module.to does) to the training device and, with channels_last, memory format
+    (unless channels_last_safe says no: then one line says so): what a script does to the model it is about to
+    train."""
     model = model.to(device)
+    if channels_last and not channels_last_safe(model):
+        print(f"layout: this model trains contiguous, not channels-last (a 1x1 stride-2 convolution of under "
+              f"{NARROW_STRIDED_1X1} input channels at {model.image_size} px crashed torch's channels-last backward)")
+        return model
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
@@ -212,7 +232,9 @@ BAR_EVERY = 20  # steps between progress-bar loss updates: each reads the loss f
 
 def train_one_epoch(model, objective, optimizer, scheduler, loader, total, desc, lookahead=None, device="cpu",
                     amp_dtype="float32"):
-    """One pass over `loader`; returns the mean training loss. Each step's forward pass and loss run in their own
+    """One pass over `loader`; returns (the summed training loss of its images, their number). Each step's
+    backward pass takes the loss times the batch's weight (its share of a global batch split unevenly among the
+    ranks: Batch.weight), so that every step is the global batch's. Each step's forward pass and loss run in their own
     autocast region (amp_dtype on `device`): autocast keeps its low-precision copies of the weights until the
     outermost region ends, so a region around the whole epoch would run every step on the epoch's first weights.
     The loss is summed where it is computed (float64, the same sums as adding each step's value on the CPU) and
@@ -225,7 +247,7 @@ def train_one_epoch(model, objective, optimizer, scheduler, loader, total, desc,
         with autocast(device, amp_dtype):
             loss = objective(model, batch)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if batch.weight == 1 else loss * batch.weight).backward()
         optimizer.step()
         scheduler.step()
         if lookahead is not None:
@@ -235,7 +257,7 @@ def train_one_epoch(model, objective, optimizer, scheduler, loader, total, desc,
         seen += len(batch.y)
         if i % BAR_EVERY == 0:
             bar.set_postfix(loss=f"{running.item() / seen:.3f}", refresh=False)
-    return running.item() / seen if seen else 0.0
+    return (running.item() if seen else 0.0), seen
 
 
 def resume(model, optimizer, scheduler, stage, meta, epochs):
@@ -244,8 +266,9 @@ def resume(model, optimizer, scheduler, stage, meta, epochs):
         return Progress(0, epochs)
     ckpt = load_checkpoint(stage.path, stage.kind)
     check_same_model(ckpt, meta["model"], stage.path)
-    if ckpt.get("resume_key") != meta["resume_key"]:
-        made = ckpt.get("resume_key", {})
+    made = dict(ckpt.get("resume_key", {}))
+    ranks = made.pop("ranks", ckpt.get("ranks", 1))  # the ranks it was trained at (in its key before it could move)
+    if made != meta["resume_key"]:
         changed = sorted(k for k in {**made, **meta["resume_key"]} if made.get(k) != meta["resume_key"].get(k))
         raise UserError(f"{stage.path} was made with other values of {', '.join(changed) or 'its settings'}; "
                         f"delete it to start over, or rerun with the values it was made with")
@@ -257,6 +280,9 @@ def resume(model, optimizer, scheduler, stage, meta, epochs):
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
     print(f"{stage.label}: resuming {stage.path} after epoch {ckpt['epoch']}/{ckpt['epochs']}")
+    if ranks != meta["ranks"]:
+        print(f"{stage.label}: the world size changed from {ranks} to {meta['ranks']} rank(s): the same batches, "
+              f"BatchNorm's statistics and float sums taken over other shares", flush=True)
     return progress
 
 
@@ -271,7 +297,7 @@ def log_metrics(stage, record):
 def fit(model, objective, recipe, train, val, stage):
     """Train `model` (on stage.device) for recipe.epochs on the `train` split, validating on `val` after each
     epoch; checkpoint each finished epoch at stage.path and append its figures to metrics.jsonl. An unfinished
-    checkpoint made from the same recipe, inputs and number of ranks is resumed; a finished one is loaded.
+    checkpoint made from the same recipe and inputs is resumed, at any number of ranks; a finished one is loaded.
     Under data parallelism rank 0 calls this and every rank trains (`Epochs`). Returns the Progress."""
     steps = num_batches(len(train[0]), recipe.batch_size, train=True)
     optimizer, scheduler = sgd_one_cycle(model, recipe, steps)
@@ -279,10 +305,8 @@ def fit(model, objective, recipe, train, val, stage):
     for option in ("lookahead", "mirror_views"):  # left out when off, so that checkpoints made before it still resume
         if not key[option]:
             del key[option]
-    if world() > 1:  # likewise: one rank's checkpoints resume as before
-        key["ranks"] = world()
     meta = {**stage.meta, "stage": stage.kind, "label": stage.label, "model": model.spec,
-            "resume_key": {**key, **stage.made_from}}
+            "resume_key": {**key, **stage.made_from}, "ranks": world()}
     progress = resume(model, optimizer, scheduler, stage, meta, recipe.epochs)
     if progress.finished and progress.history:
         return progress
@@ -332,7 +356,8 @@ def validation_accuracy(model, val, device, batch_size):
 
 def train_epochs(model, objective, recipe, train, val, optimizer, scheduler, progress, stage, meta):
     """The epochs of `fit` from progress.epoch on, on every rank: each rank trains on its share of every global
-    batch (the gradients averaged by DistributedDataParallel, BatchNorm's statistics averaged after each epoch);
+    batch (the gradients averaged by DistributedDataParallel, each share's loss weighted by its size, BatchNorm's
+    statistics averaged after each epoch);
     rank 0 alone checkpoints, logs and prints. Returns the Progress."""
     ranks, writer = world(), rank() == 0
     steps = num_batches(len(train[0]), recipe.batch_size, train=True)
@@ -341,6 +366,7 @@ def train_epochs(model, objective, recipe, train, val, optimizer, scheduler, pro
                  if recipe.lookahead else None)
     net = data_parallel_model(model, stage.device) if ranks > 1 else model
     first, threads = progress.epoch, training_threads()
+    channels_last = recipe.channels_last and channels_last_safe(model)  # batches as the model is laid out
     reset_peak_gpu_memory(stage.device)  # each stage's own peak
     for epoch in range(first, recipe.epochs):
         t0 = time.time()
@@ -349,15 +375,16 @@ def train_epochs(model, objective, recipe, train, val, optimizer, scheduler, pro
         if view is not None and recipe.mirror_views:
             view = (view[0], remirrored(view[1], gen))
         loader = batches(train[0], train[1], recipe.batch_size, stage.device, shuffle=True, train=True,
-                         generator=gen, channels_last=recipe.channels_last, view=view, shard=(rank(), ranks))
+                         generator=gen, channels_last=channels_last, view=view, shard=(rank(), ranks))
         lr = scheduler.get_last_lr()[0]
         with cudnn_autotune(stage.device):
-            loss = train_one_epoch(net, objective, optimizer, scheduler, loader, steps,
-                                   f"{stage.label} {epoch + 1}/{recipe.epochs}", lookahead, stage.device,
-                                   recipe.amp_dtype)
+            summed, images = train_one_epoch(net, objective, optimizer, scheduler, loader, steps,
+                                             f"{stage.label} {epoch + 1}/{recipe.epochs}", lookahead, stage.device,
+                                             recipe.amp_dtype)
             if ranks > 1:
-                loss = all_sum([loss])[0] / ranks  # every rank's mean over as many images
-                average_buffers(model)
+                summed, images = all_sum([summed, images])  # the mean over every rank's images
+                average_batchnorm(model)
+            loss = summed / images if images else 0.0
         train_s = time.time() - t0
         val_acc = validation_accuracy(model, val, stage.device, max(recipe.batch_size, 256))
         record = {"epoch": epoch + 1, "loss": loss, "val_accuracy": val_acc, "seconds": time.time() - t0}
