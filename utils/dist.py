@@ -202,8 +202,9 @@ class Heartbeat(threading.Thread):
     def run(self):
         seen = {}  # rank -> (its last count, when it last moved)
         while not self.stopped.wait(BEAT_S):
-            if os.getppid() != self.parent:
-                self.end(1, "the launcher of this run ended; this rank stops too (rerun the command to resume)")
+            if os.getppid() != self.parent:  # rank 0 says so; every rank ends
+                self.end(1, "the launcher of this run ended, and its ranks with it (rerun the same command to resume "
+                            "from the last finished epoch)" if self.layout.writer else None)
             now = time.monotonic()
             try:
                 self.store.add(f"beat/{self.layout.rank}", 1)
