@@ -180,11 +180,6 @@ def test_a_killed_plain_start_at_two_ranks_resumes_to_the_weights_of_the_uninter
     assert torch.load(tmp_path / "one" / "baseline.pth", weights_only=True)["finished"]
 
 
-def test_a_stage_finished_at_two_ranks_is_reused_at_one(torchrun_run, imagefolder):
-    proc = run([sys.executable] + script("train_baseline.py", torchrun_run[0], imagefolder, TRAIN + ["--RANKS=1"]))
-    assert proc.returncode == 0 and "baseline: already trained" in proc.stdout, proc.stderr[-2000:]
-
-
 def test_a_rank_that_raises_ends_the_whole_run_with_one_line(imagefolder, tmp_path):
     """Rank 0 stops at once (its OUT_DIR is in use); the other rank, waiting for the data, is ended too: exit
     status 2, one error line, well within a minute."""

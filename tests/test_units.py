@@ -99,6 +99,20 @@ def test_training_with_lookahead_resumes_exactly(tmp_path):
     assert not torch.equal(straight.state_dict()["fc.weight"], tiny_model().state_dict()["fc.weight"])
 
 
+def test_a_stage_finished_at_two_ranks_is_reused_at_one(tmp_path, capsys):
+    """A finished checkpoint whose key holds the ranks it trained at (as those made before the rank count left the
+    key did) is reused by one process, not refused or trained again."""
+    recipe = TrainRecipe(lr=0.05, epochs=2, batch_size=16, momentum=0.9, weight_decay=5e-4, seed=0)
+    stage = Stage("student", "s", str(tmp_path / "s.pth"), "cpu")
+    fit(tiny_model(), cross_entropy_objective(0.0), recipe, tiny_data(), tiny_data(16, 1), stage)
+    ckpt = torch.load(stage.path, weights_only=True)
+    ckpt["resume_key"]["ranks"], ckpt["ranks"] = 2, 2
+    torch.save(ckpt, stage.path)
+    capsys.readouterr()
+    progress = fit(tiny_model(), cross_entropy_objective(0.0), recipe, tiny_data(), tiny_data(16, 1), stage)
+    assert progress.finished and "s: already trained" in capsys.readouterr().out
+
+
 def test_checkpoint_round_trip_rebuilds_the_architecture(tmp_path):
     model = tiny_model().eval()
     path = str(tmp_path / "m.pth")
