@@ -49,7 +49,8 @@ CHANNELS_LAST = True         # channels-last memory format (faster convolutions 
 AMP_DTYPE = "auto"           # auto | float32 | bfloat16: autocast dtype of each training step (auto: bfloat16 where
                              # the CPU has bf16 matrix instructions or on a GPU; validation stays float32)
 RANKS = "auto"               # auto | N: data-parallel processes; auto: one per GPU on CUDA, on the CPU as many as use
-                             # the most cores with 32+ images each a step, the cores shared out as threads; env RANKS too
+                             # the most cores with 32+ images each a step, the cores shared out as threads; env RANKS
+                             # too
 RANK_TIMEOUT = 300           # seconds a rank may stop answering (or a training collective wait) before the run ends
 SEED = 0                     # seed of the validation split, initialisation and batch order
 # -----------------------------------------------------------------------------------------------
@@ -99,7 +100,6 @@ def load_splits(cfg, layout):
     return train, val
 
 
-
 def build(cfg, train):
     """The model and its recipe: SGD + Nesterov, one-cycle learning rate, label smoothing, weight decay on the
     weights only, each residual block starting as the identity (utils.models.zero_init_residual), with
@@ -122,7 +122,7 @@ def main(argv):
         return
     cfg, layout = started
     if not layout.writer:  # a follower: opens the data rank 0 opened, trains its share of every stage rank 0 runs
-        return follow(lambda source: tuple(split.to(cfg.DEVICE) for split in open_splits(source, layout.threads)[1:3]))
+        return follow(lambda source: tuple(s.to(cfg.DEVICE) for s in open_splits(source, layout.threads)[1:3]))
     torch.manual_seed(cfg.SEED)
     with out_dir_lock(cfg.OUT_DIR, "train_baseline.py"), ranks_working(layout):
         train, val = (split.to(cfg.DEVICE) for split in load_splits(cfg, layout))
