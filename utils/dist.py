@@ -119,7 +119,9 @@ def launch(script, argv, ranks, threads):
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
     os.environ["OMP_NUM_THREADS"] = str(threads)
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the ranks say what went wrong
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed.elastic")] + [
+            "torch.distributed.elastic"]:  # the ranks say what went wrong (each module's logger has its own level)
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         run(parse_args(["--standalone", f"--nproc_per_node={ranks}", "--monitor-interval=0.5", script, *argv]))
         return 0
