@@ -3,11 +3,12 @@ step's forward pass runs on the weights of the step before, the teacher's target
 of an epoch cost the device a fixed number of copies from the host, however many batches there are."""
 import json
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import tiny_data, tiny_model
+from conftest import OPTIONS, assert_learns_as_the_plain_recipe, learnable_data, tiny_data, tiny_model
 from utils.data import batches
 from utils.device import autocast
 from utils.measure import model_accuracy
@@ -16,17 +17,9 @@ from utils.train import Stage, TrainRecipe, cross_entropy_objective, distillatio
 RECIPE = dict(lr=0.05, epochs=1, batch_size=32, momentum=0.9, weight_decay=0.0, seed=0)
 
 
-def learnable_data(n, seed=0):
-    """tiny_data with a white stripe at a row that tells each class apart (its colours alone leave two alike)."""
-    x, y = tiny_data(n, seed)
-    for row in range(4):
-        x[y == row, :, 8 * row:8 * row + 4, :] = 255
-    return x, y
-
-
-def step_losses(tmp_path, amp_dtype, loss=None):
+def step_losses(tmp_path, amp_dtype, loss=None, options=None):
     """Each step's loss of one epoch of `fit` (20 steps of 32 images) of tiny_model in `amp_dtype`, by `loss`
-    (an objective; default cross-entropy)."""
+    (an objective; default cross-entropy), with the TrainRecipe fields of `options`."""
     loss = loss or (lambda model, batch: F.cross_entropy(model(batch.x), batch.y))
     losses = []
 
@@ -34,7 +27,7 @@ def step_losses(tmp_path, amp_dtype, loss=None):
         value = loss(model, batch)
         losses.append(value.item())
         return value
-    fit(tiny_model(), objective, TrainRecipe(**RECIPE, amp_dtype=amp_dtype), learnable_data(640),
+    fit(tiny_model(), objective, TrainRecipe(**RECIPE, amp_dtype=amp_dtype, **(options or {})), learnable_data(640),
         learnable_data(16, 1), Stage("student", "student", str(tmp_path / f"{amp_dtype}.pth"), "cpu"))
     return losses
 
@@ -62,6 +55,16 @@ def test_distillation_learns_in_bf16_as_in_float32(tmp_path):
     fit(teacher, cross_entropy_objective(0.0), TrainRecipe(**RECIPE), learnable_data(640), learnable_data(16, 1),
         Stage("baseline", "baseline", str(tmp_path / "teacher.pth"), "cpu"))
     assert_learns_as_in_float32(tmp_path, distillation_objective(teacher.eval(), 4.0, 0.5, flip=True))
+
+
+@pytest.fixture(scope="module")
+def plain_losses(tmp_path_factory):
+    return step_losses(tmp_path_factory.mktemp("plain"), "float32")
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_each_recipe_option_learns_as_the_plain_recipe(tmp_path, option, plain_losses):
+    assert_learns_as_the_plain_recipe(step_losses(tmp_path, "float32", options=OPTIONS[option]), plain_losses)
 
 
 def test_every_bf16_forward_pass_uses_the_weights_of_the_last_optimizer_step(tmp_path):

@@ -11,14 +11,17 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 
 import onnxruntime
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
-from conftest import COMPRESS_FLAGS, EVAL_FLAGS, TRAIN_FLAGS, tiny_data
+from conftest import (COMPRESS_FLAGS, EVAL_FLAGS, OPTIONS, TRAIN_FLAGS, assert_learns_as_the_plain_recipe,
+                      learnable_data, tiny_data, tiny_model)
 import psutil
 
 from utils.dist import Layout, all_gather_cat, follow, in_job, join, ranks_working, shard, share_data
@@ -86,6 +89,50 @@ def test_steps_at_three_ranks_equal_the_steps_of_one_process_on_the_same_global_
     for k in one:
         assert not torch.equal(one[k], start[k]), f"{k} did not train"
         assert torch.allclose(two[k], one[k], atol=1e-6, rtol=1e-5), f"{k}: {(two[k] - one[k]).abs().max()}"
+
+
+@dataclass
+class RecordedLoss:
+    """Cross-entropy that keeps each step's value (on rank 0: its share's); picklable, as a job's objective is."""
+    losses: list = field(default_factory=list)
+
+    def to(self, device):
+        return self
+
+    def __call__(self, model, batch):
+        loss = F.cross_entropy(model(batch.x), batch.y)
+        self.losses.append(loss.item())
+        return loss
+
+
+def options_worker(rank, port, folder):
+    """At 2 ranks, one epoch (20 steps of 32 images) of tiny_model with the plain recipe and with each option."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    layout = Layout(rank=rank, local_rank=rank, world=2, local_world=2, cores=2, threads=1)
+    join(layout, rank_timeout=60)
+    torch.set_num_threads(1)
+    if rank:
+        return follow(lambda splits: splits)
+    with ranks_working(layout):
+        train, val = learnable_data(640), learnable_data(16, 1)
+        share_data((train, val))
+        losses = {}
+        for name, options in {"plain": {}, **OPTIONS}.items():
+            losses[name] = RecordedLoss()
+            recipe = TrainRecipe(lr=0.05, epochs=1, batch_size=32, momentum=0.9, weight_decay=0.0, seed=0, **options)
+            fit(tiny_model(), losses[name], recipe, train, val, Stage("student", name, os.path.join(folder,
+                                                                                              f"{name}.pth"), "cpu"))
+        torch.save({name: loss.losses for name, loss in losses.items()}, os.path.join(folder, "losses.pt"))
+
+
+def test_each_recipe_option_learns_at_two_ranks_as_the_plain_recipe(tmp_path):
+    """BN_MOMENTUM, BN_BIAS_LR, FREEZE_BN_WEIGHTS, ALTERNATE_FLIP and all of them with LOOKAHEAD, trained by two
+    ranks: rank 0's loss falls as the plain recipe's does."""
+    mp.spawn(options_worker, args=(free_port(), str(tmp_path)), nprocs=2)
+    losses = torch.load(tmp_path / "losses.pt")
+    for name in OPTIONS:
+        assert len(losses[name]) == 20, name
+        assert_learns_as_the_plain_recipe(losses[name], losses["plain"])
 
 
 def shares_worker(rank, port, folder):

@@ -10,13 +10,13 @@ from utils.checkpoint import (Progress, clean_state_dict, load_checkpoint, load_
                               write_checkpoint)
 from utils.prune import magnitude_masks, make_pruning_permanent, prunable_layers, weight_sparsity
 from utils.config import UserError, config_type, file_constants, parse_flags
-from utils.data import Split, apply_augment, batches, fixed_views, remirrored
+from utils.data import Split, alternating_flips, apply_augment, augment_params, batches, fixed_views, remirrored
 from utils.measure import accuracy_interval, paired_drop_bound, paired_drop_interval
 from utils.models import ARCHS, ResNet, build_model, count_macs, parse_arch, whiten_stem
 from utils.search import SearchContext
 from conftest import tiny_data, tiny_model
-from utils.train import (Lookahead, Stage, TrainRecipe, cross_entropy_objective, distillation_objective, fit,
-                         kd_loss, teacher_logits, teacher_outputs)
+from utils.train import (CrossEntropy, Lookahead, Stage, TrainRecipe, batchnorms, cross_entropy_objective,
+                         distillation_objective, fit, kd_loss, sgd_one_cycle, teacher_logits, teacher_outputs)
 
 
 def test_kd_loss_matches_hand_computation():
@@ -285,6 +285,58 @@ def test_a_remirrored_view_keeps_its_crops_and_the_flipped_targets():
     assert torch.equal(mirrored, remirrored(view, torch.Generator().manual_seed(7)))
     assert torch.allclose(teacher_outputs(teacher, apply_augment(x, view), flip=True),
                           teacher_outputs(teacher, apply_augment(x, mirrored), flip=True), atol=1e-5)
+
+
+def test_alternating_flips_mirror_each_image_in_every_other_epoch():
+    # a fixed random half in even epochs, the other half in odd ones; the crops of the seed stay as they were
+    even, odd = alternating_flips(200, 5, 0), alternating_flips(200, 5, 1)
+    assert torch.equal(even, alternating_flips(200, 5, 2)) and torch.equal(even ^ 1, odd)
+    assert 80 < int(even.sum()) < 120 and not torch.equal(even, alternating_flips(200, 6, 0))
+    x, y = tiny_data(32)
+    flips = alternating_flips(32, 5, 0)
+    got = list(batches(x, y, 16, "cpu", shuffle=True, train=True, generator=torch.Generator().manual_seed(1),
+                       flips=flips))
+    gen = torch.Generator().manual_seed(1)
+    order = torch.randperm(32, generator=gen)
+    for i, batch in enumerate(got):
+        idx = order[16 * i:16 * i + 16]
+        params = augment_params(16, gen)  # the seed's crops; its flips drawn, then replaced
+        params[2] = flips[idx]
+        assert torch.equal(batch.idx, idx) and torch.equal(batch.x, apply_augment(x[idx].float().div(255), params))
+    view = fixed_views(32, 1, seed=2)[0]
+    kept = view.clone()
+    batch = next(batches(x, y, 32, "cpu", train=True, view=(0, view), flips=flips))
+    assert torch.equal(view, kept)  # the view itself is not changed
+    assert torch.equal(batch.x, apply_augment(x.float().div(255), torch.stack([view[0], view[1], flips])))
+
+
+def test_batchnorm_momentum_and_frozen_scales_train_as_asked_and_leave_the_model_as_it_was(tmp_path):
+    """BN_MOMENTUM sets the running statistics' momentum while training only (the same weights, other running
+    statistics; the layers' own momentum back after); FREEZE_BN_WEIGHTS keeps the BN scales where they came in;
+    BN_BIAS_LR puts the BN biases in a group of their own at that multiple of the learning rate."""
+    trained = {}
+    for name, options in (("plain", {}), ("fast", dict(bn_momentum=0.6)), ("frozen", dict(bn_weights_frozen=True))):
+        model = tiny_model()
+        recipe = TrainRecipe(lr=0.05, epochs=1, batch_size=16, momentum=0.9, weight_decay=0.0, seed=0, **options)
+        fit(model, CrossEntropy(0.0), recipe, tiny_data(80), tiny_data(16, 1),
+            Stage("student", name, str(tmp_path / f"{name}.pth"), "cpu"))
+        assert {m.momentum for m in batchnorms(model)} == {0.1}
+        trained[name] = model.state_dict()
+    plain, fast, frozen, start = trained["plain"], trained["fast"], trained["frozen"], tiny_model().state_dict()
+    assert all(torch.equal(plain[k], fast[k]) for k in plain if "running" not in k and "num_batches" not in k)
+    assert not torch.allclose(plain["bn1.running_mean"], fast["bn1.running_mean"])
+    scales = [k for k in start if k.endswith(".weight") and start[k].ndim == 1 and "bn" in k]
+    assert scales and all(torch.equal(frozen[k], start[k]) for k in scales)
+    assert not torch.equal(frozen["conv1.weight"], start["conv1.weight"])
+    recipe = TrainRecipe(lr=0.05, epochs=2, batch_size=16, momentum=0.9, weight_decay=0.0, seed=0, bn_bias_lr=64.0)
+    optimizer, scheduler = sgd_one_cycle(tiny_model(), recipe, 10)
+    biases = {id(m.bias) for m in batchnorms(tiny_model())}
+    assert len(optimizer.param_groups) == 3 and len(optimizer.param_groups[2]["params"]) == len(biases)
+    for _ in range(12):
+        lrs = [group["lr"] for group in optimizer.param_groups]
+        assert lrs[0] == lrs[1] and math.isclose(lrs[2], 64 * lrs[0])
+        optimizer.step()
+        scheduler.step()
 
 
 def test_macs_are_counted_from_the_shapes():

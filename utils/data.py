@@ -497,17 +497,26 @@ def remirrored(params, generator):
     return out
 
 
+def alternating_flips(n, seed, epoch):
+    """The flips of n images in epoch `epoch` under alternating flip (airbench): a random half of the images
+    mirrored in even epochs (the same half every time, from `seed`), the other half in odd ones, so that every
+    two epochs show each image both ways instead of each way by chance."""
+    return random_flips(n, torch.Generator().manual_seed(seed)) ^ (epoch % 2)
+
+
 def _to(t, device):
     """`t` on `device`; asynchronous only towards a GPU (a copy to the CPU must be complete before it is read)."""
     return t.to(device, non_blocking=torch.device(device).type == "cuda")
 
 
 def batches(x, y, batch_size, device, shuffle=False, train=False, generator=None, channels_last=False, view=None,
-            shard=(0, 1)):
+            shard=(0, 1), flips=None):
     """Yield Batches on `device`; with train=True shuffled, augmented, last partial dropped. view: (index, (3, N)
     params) of a fixed augmentation view for every image (fixed_views), instead of fresh random ones. shard:
     (rank, ranks): of every batch of `batch_size` images, the rank's contiguous share, as even as it goes (data
-    parallelism: the same images and augmentations as one process, split; Batch.weight says the share).
+    parallelism: the same images and augmentations as one process, split; Batch.weight says the share). flips:
+    with train=True or a view, each image's horizontal flip (0 or 1, by position in x: alternating_flips) instead
+    of the random or the view's one; the crops stay those of the seed or the view.
 
     The epoch's order and augmentation parameters are drawn up front, from the generator in the order drawing
     them batch by batch would use (the order, then each batch's crops and flips: the same batches for the same
@@ -522,6 +531,8 @@ def batches(x, y, batch_size, device, shuffle=False, train=False, generator=None
                             for i in range(0, stop, batch_size)], dim=1)
     else:
         params = None
+    if params is not None and flips is not None:
+        params[2] = flips[order]
     positions = _to(order, device)
     on = lambda t: positions if positions.device == t.device else _to(order, t.device)  # indices where t lies
     at_images, at_labels = on(x), on(y)

@@ -1,5 +1,6 @@
 """The one training loop: baseline training, distillation and every fine-tuning run through `fit`, with a
 `TrainRecipe` (how to train) and a `Stage` (what is trained, where its checkpoint and curves go)."""
+import contextlib
 import dataclasses
 import json
 import os
@@ -12,7 +13,7 @@ from tqdm import tqdm
 
 from .checkpoint import Progress, check_same_model, load_checkpoint, load_clean_state_dict, write_checkpoint
 from .config import UserError
-from .data import batches, fixed_views, num_batches, remirrored, subset
+from .data import alternating_flips, batches, fixed_views, num_batches, remirrored, subset
 from .device import autocast, cudnn_autotune, peak_gpu_mib, reset_peak_gpu_memory
 from .dist import (all_gather_cat, all_sum, average_batchnorm, data_parallel_model, rank, run_job, shard,
                    training_threads, world)
@@ -39,15 +40,30 @@ class TrainRecipe:
                                  # logits)
     lookahead: int = 0           # 0: off; K: every K steps the weights are pulled towards a slow copy of them, more so
                                  # as training ends (Lookahead as airbench uses it; see `Lookahead`)
+    bn_momentum: float = 0.1     # weight of each batch in BatchNorm's running mean and variance while training (torch's
+                                 # `momentum`); the model's own value is back after
+    bn_bias_lr: float = 1.0      # BatchNorm biases' peak learning rate over `lr`
+    bn_weights_frozen: bool = False  # BatchNorm scales keep the values they came with (not in the optimizer)
+    alternate_flip: bool = False  # fresh augmentations (or views with mirror_views) mirror each image in every other
+                                  # epoch, a fixed random half in the first (data.alternating_flips), not at random
+
+
+# fields added after checkpoints were made: left out of the resume key at these values, so that those still resume
+LATER_FIELDS = {"lookahead": 0, "mirror_views": False, "bn_momentum": 0.1, "bn_bias_lr": 1.0,
+                "bn_weights_frozen": False, "alternate_flip": False}
 
 
 def recipe_from(cfg, lr, epochs, views=0, mirror_views=False):
-    """A script's TrainRecipe: its BATCH_SIZE, MOMENTUM, WEIGHT_DECAY, SEED, CHANNELS_LAST, AMP_DTYPE and
-    LOOKAHEAD constants, with the stage's own peak learning rate, epochs and fixed views."""
+    """A script's TrainRecipe: its BATCH_SIZE, MOMENTUM, WEIGHT_DECAY, SEED, CHANNELS_LAST, AMP_DTYPE, LOOKAHEAD,
+    BN_MOMENTUM, BN_BIAS_LR, FREEZE_BN_WEIGHTS and ALTERNATE_FLIP constants, with the stage's own peak learning
+    rate, epochs and fixed views (where a view's targets hold for its own flips only, views without mirror_views,
+    the flips stay the view's)."""
     return TrainRecipe(lr=lr, epochs=epochs, batch_size=cfg.BATCH_SIZE, momentum=cfg.MOMENTUM,
                        weight_decay=cfg.WEIGHT_DECAY, seed=cfg.SEED, channels_last=cfg.CHANNELS_LAST,
                        amp_dtype=cfg.AMP_DTYPE, views=views, mirror_views=mirror_views,
-                       lookahead=cfg.LOOKAHEAD)
+                       lookahead=cfg.LOOKAHEAD, bn_momentum=cfg.BN_MOMENTUM, bn_bias_lr=cfg.BN_BIAS_LR,
+                       bn_weights_frozen=cfg.FREEZE_BN_WEIGHTS,
+                       alternate_flip=cfg.ALTERNATE_FLIP and (not views or mirror_views))
 
 
 # torch 2.14.1 crashed in the channels-last backward pass of a 1x1 stride-2 convolution with 8 input channels on
@@ -186,21 +202,55 @@ def distillation_objective(teacher, temperature, alpha, cached=None, flip=False)
     return Distillation(teacher, temperature, alpha, cached, flip)
 
 
+def batchnorms(model):
+    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+def parameter_groups(model, recipe):
+    """The optimizer's groups and each one's peak learning rate: conv and linear weights with weight decay, the
+    other parameters without (decaying BN scales and biases only slows short training); with bn_bias_lr other
+    than 1 the BatchNorm biases in a group of their own at that multiple; with bn_weights_frozen the BatchNorm
+    scales in none."""
+    decayed = [p for p in model.parameters() if p.ndim > 1]
+    bn_biases = {id(m.bias) for m in batchnorms(model) if m.bias is not None}
+    frozen = {id(m.weight) for m in batchnorms(model) if m.weight is not None} if recipe.bn_weights_frozen else set()
+    fast = bn_biases if recipe.bn_bias_lr != 1 else set()
+    kept = [p for p in model.parameters() if p.ndim <= 1 and id(p) not in fast | frozen]
+    groups = [({"params": decayed, "weight_decay": recipe.weight_decay}, recipe.lr),
+              ({"params": kept, "weight_decay": 0.0}, recipe.lr)]
+    if fast:
+        groups.append(({"params": [p for p in model.parameters() if id(p) in fast], "weight_decay": 0.0},
+                       recipe.lr * recipe.bn_bias_lr))
+    return groups
+
+
 def sgd_one_cycle(model, recipe, steps_per_epoch):
-    """SGD with Nesterov momentum, no weight decay on BN and biases; one-cycle learning rate stepped per batch."""
+    """SGD with Nesterov momentum over `parameter_groups`; one-cycle learning rate stepped per batch."""
     epochs = max(recipe.epochs, 1)  # a zero-epoch stage never steps the schedule, but OneCycleLR needs a length
     if epochs * steps_per_epoch < 5:
         raise UserError(f"{epochs} epoch(s) of {steps_per_epoch} step(s) are too few for a one-cycle "
                         f"schedule (5 steps at least): use more epochs or a smaller BATCH_SIZE")
-    # weight decay on conv and linear weights only: decaying BN scales and biases only slows short training
-    decayed = [p for p in model.parameters() if p.ndim > 1]
-    kept = [p for p in model.parameters() if p.ndim <= 1]
-    opt = torch.optim.SGD([{"params": decayed, "weight_decay": recipe.weight_decay},
-                           {"params": kept, "weight_decay": 0.0}], lr=recipe.lr, momentum=recipe.momentum,
-                          nesterov=True)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, epochs=epochs, steps_per_epoch=steps_per_epoch,
-                                                pct_start=0.25, div_factor=10.0, final_div_factor=100.0)
+    groups = parameter_groups(model, recipe)
+    opt = torch.optim.SGD([group for group, _ in groups], lr=recipe.lr, momentum=recipe.momentum, nesterov=True)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[lr for _, lr in groups], epochs=epochs,
+                                                steps_per_epoch=steps_per_epoch, pct_start=0.25, div_factor=10.0,
+                                                final_div_factor=100.0)
     return opt, sched
+
+
+@contextlib.contextmanager
+def batchnorm_momentum(model, momentum):
+    """Inside, every BatchNorm layer of `model` updates its running statistics at `momentum`; after, at the
+    momentum it had."""
+    layers = batchnorms(model)
+    before = [m.momentum for m in layers]
+    for m in layers:
+        m.momentum = momentum
+    try:
+        yield
+    finally:
+        for m, value in zip(layers, before):
+            m.momentum = value
 
 
 class Lookahead:
@@ -301,10 +351,7 @@ def fit(model, objective, recipe, train, val, stage):
     Under data parallelism rank 0 calls this and every rank trains (`Epochs`). Returns the Progress."""
     steps = num_batches(len(train[0]), recipe.batch_size, train=True)
     optimizer, scheduler = sgd_one_cycle(model, recipe, steps)
-    key = dataclasses.asdict(recipe)
-    for option in ("lookahead", "mirror_views"):  # left out when off, so that checkpoints made before it still resume
-        if not key[option]:
-            del key[option]
+    key = {k: v for k, v in dataclasses.asdict(recipe).items() if k not in LATER_FIELDS or v != LATER_FIELDS[k]}
     meta = {**stage.meta, "stage": stage.kind, "label": stage.label, "model": model.spec,
             "resume_key": {**key, **stage.made_from}, "ranks": world()}
     progress = resume(model, optimizer, scheduler, stage, meta, recipe.epochs)
@@ -354,6 +401,9 @@ def validation_accuracy(model, val, device, batch_size):
     return 100.0 * hits / n
 
 
+FLIP_SEED = 2**31  # plus the recipe's seed: alternate_flip's halves, apart from each epoch's seed (seed * 1000 + epoch)
+
+
 def train_epochs(model, objective, recipe, train, val, optimizer, scheduler, progress, stage, meta):
     """The epochs of `fit` from progress.epoch on, on every rank: each rank trains on its share of every global
     batch (the gradients averaged by DistributedDataParallel, each share's loss weighted by its size, BatchNorm's
@@ -372,12 +422,13 @@ def train_epochs(model, objective, recipe, train, val, optimizer, scheduler, pro
         t0 = time.time()
         gen = torch.Generator().manual_seed(recipe.seed * 1000 + epoch)
         view = None if views is None else (epoch % recipe.views, views[epoch % recipe.views])
-        if view is not None and recipe.mirror_views:
+        flips = alternating_flips(len(train[0]), FLIP_SEED + recipe.seed, epoch) if recipe.alternate_flip else None
+        if view is not None and recipe.mirror_views and flips is None:
             view = (view[0], remirrored(view[1], gen))
         loader = batches(train[0], train[1], recipe.batch_size, stage.device, shuffle=True, train=True,
-                         generator=gen, channels_last=channels_last, view=view, shard=(rank(), ranks))
+                         generator=gen, channels_last=channels_last, view=view, shard=(rank(), ranks), flips=flips)
         lr = scheduler.get_last_lr()[0]
-        with cudnn_autotune(stage.device):
+        with cudnn_autotune(stage.device), batchnorm_momentum(model, recipe.bn_momentum):
             summed, images = train_one_epoch(net, objective, optimizer, scheduler, loader, steps,
                                              f"{stage.label} {epoch + 1}/{recipe.epochs}", lookahead, stage.device,
                                              recipe.amp_dtype)
