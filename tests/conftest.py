@@ -141,7 +141,9 @@ def imagefolder(tmp_path_factory):
 # Tiny constants for each script: seconds per stage on 2 CPU cores. The baseline is the stride-2 ResNet-18 at half
 # width (resnet_s2_w32): the default's code path at a quarter of its MACs.
 # float32 training (AMP_DTYPE=auto would pick bf16 on some CPUs only): the same results on every machine.
-TRAIN_FLAGS = ["--EPOCHS=3", "--BATCH_SIZE=32", "--VAL_SIZE=40", "--LR=0.01", "--ARCH=resnet_s2_w32",
+# LR 0.03: with the default frozen BatchNorm scales the blocks do not start as the identity, and 18 steps at 0.01
+# left the baseline at 50% on this data (100% at 0.03, or at 0.01 for 6 epochs; the old recipe: 100% at 0.01).
+TRAIN_FLAGS = ["--EPOCHS=3", "--BATCH_SIZE=32", "--VAL_SIZE=40", "--LR=0.03", "--ARCH=resnet_s2_w32",
                "--AMP_DTYPE=float32", "--DEVICE=cpu"]
 # A budget no tiny model can break (MAX_ACC_DROP=100), so that the search walks every step; two students (a
 # stride-2 and a CIFAR-style one), of which the search picks one.
