@@ -48,9 +48,8 @@ class TrainRecipe:
                                   # epoch, a fixed random half in the first (data.alternating_flips), not at random
 
 
-# fields added after checkpoints were made: left out of the resume key at these values, so that those still resume
-LATER_FIELDS = {"lookahead": 0, "mirror_views": False, "bn_momentum": 0.1, "bn_bias_lr": 1.0,
-                "bn_weights_frozen": False, "alternate_flip": False}
+# fields added after checkpoints were made: left out of the resume key at their defaults, so that those still resume
+LATER_FIELDS = ("lookahead", "mirror_views", "bn_momentum", "bn_bias_lr", "bn_weights_frozen", "alternate_flip")
 
 
 def recipe_from(cfg, lr, epochs, views=0, mirror_views=False):
@@ -351,7 +350,8 @@ def fit(model, objective, recipe, train, val, stage):
     Under data parallelism rank 0 calls this and every rank trains (`Epochs`). Returns the Progress."""
     steps = num_batches(len(train[0]), recipe.batch_size, train=True)
     optimizer, scheduler = sgd_one_cycle(model, recipe, steps)
-    key = {k: v for k, v in dataclasses.asdict(recipe).items() if k not in LATER_FIELDS or v != LATER_FIELDS[k]}
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainRecipe)}
+    key = {k: v for k, v in dataclasses.asdict(recipe).items() if k not in LATER_FIELDS or v != defaults[k]}
     meta = {**stage.meta, "stage": stage.kind, "label": stage.label, "model": model.spec,
             "resume_key": {**key, **stage.made_from}, "ranks": world()}
     progress = resume(model, optimizer, scheduler, stage, meta, recipe.epochs)
