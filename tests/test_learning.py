@@ -32,13 +32,13 @@ def step_losses(tmp_path, amp_dtype, loss=None, options=None):
     return losses
 
 
-def assert_learns_as_in_float32(tmp_path, loss=None):
+def assert_learns_as_in_float32(tmp_path, loss=None, options=None):
     """Over one epoch the last five steps' mean loss falls below 0.4 of the first five's in float32 and in bf16,
     and bf16 ends within 0.25 of float32. An epoch-long autocast region ran every step on the epoch's first
     weights: its loss stayed where it started for the whole epoch (and rose over the next ones)."""
     ends = {}
     for dtype in ("float32", "bfloat16"):
-        losses = step_losses(tmp_path / dtype, dtype, loss)
+        losses = step_losses(tmp_path / dtype, dtype, loss, options)
         first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
         assert last < 0.4 * first, f"{dtype}: loss {first:.3f} over the first steps, {last:.3f} over the last"
         ends[dtype] = last
@@ -65,6 +65,10 @@ def plain_losses(tmp_path_factory):
 @pytest.mark.parametrize("option", OPTIONS)
 def test_each_recipe_option_learns_as_the_plain_recipe(tmp_path, option, plain_losses):
     assert_learns_as_the_plain_recipe(step_losses(tmp_path, "float32", options=OPTIONS[option]), plain_losses)
+
+
+def test_the_recipe_options_together_learn_in_bf16_as_in_float32(tmp_path):
+    assert_learns_as_in_float32(tmp_path, options=OPTIONS["bundle"])
 
 
 def test_every_bf16_forward_pass_uses_the_weights_of_the_last_optimizer_step(tmp_path):
