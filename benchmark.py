@@ -71,13 +71,12 @@ TARGETS = {
                    "time scaled by its reference speed; the scratch control apart)",
                    lambda r, t, s: t["total_s_at_reference"] <= 75 * 60, timed=True),
             Target("baseline test accuracy >= 88.5%", lambda r, t, s: r["baseline"]["accuracy"] >= 88.5),
-            Target("shipped INT8 model test accuracy >= 88.0%",
-                   lambda r, t, s: min(r["int8"]["accuracy"], r["int8_sparse"]["accuracy"]) >= 88.0),
+            Target("shipped INT8 model test accuracy >= 89.0%",
+                   lambda r, t, s: min(r["int8"]["accuracy"], r["int8_sparse"]["accuracy"]) >= 89.0),
             Target("int8.sparse <= 0.17 MiB", lambda r, t, s: r["int8_sparse"]["size_bytes"] <= 0.17 * 2**20),
-            Target("int8 >= 15x faster at batch 1, same runtime", lambda r, t, s: r["int8"]["speedup_b1"] >= 15.0),
-            Target("int8 >= 8x faster at batch 64, same runtime", lambda r, t, s: r["int8"]["speedup_b64"] >= 8.0),
-            Target("the distilled student at least 0.5 points over the scratch control on test",
-                   lambda r, t, s: "scratch" in r and r["student"]["gain_over_scratch"] >= 0.5)]
+            # no batch-1 target: ONNX Runtime's per-operator overhead, which batch 1 measures, differs from machine
+            # to machine more than the model does (the same two files: 13.7x on one EPYC, 11.2x on another)
+            Target("int8 >= 7x faster at batch 64, same runtime", lambda r, t, s: r["int8"]["speedup_b64"] >= 7.0)]
            + COMMON_TARGETS,
     "gpu": [Target("three scripts within 10 minutes (the scratch control apart)",
                    lambda r, t, s: t["total_s"] <= 10 * 60, timed=True),
@@ -85,7 +84,10 @@ TARGETS = {
                    timed=True),
             Target("baseline test accuracy >= 94%", lambda r, t, s: r["baseline"]["accuracy"] >= 94.0),
             Target("int8 >= 3x faster at batch 1, same runtime", lambda r, t, s: r["int8"]["speedup_b1"] >= 3.0),
-            Target("int8 >= 3x faster at batch 64, same runtime", lambda r, t, s: r["int8"]["speedup_b64"] >= 3.0)]
+            Target("int8 >= 3x faster at batch 64, same runtime", lambda r, t, s: r["int8"]["speedup_b64"] >= 3.0),
+            # the full ResNet-18 teacher (CIFAR stem) is the GPU profile's: the gain over the control is asked here
+            Target("the distilled student at least 0.5 points over the scratch control on test",
+                   lambda r, t, s: "scratch" in r and r["student"]["gain_over_scratch"] >= 0.5)]
            + COMMON_TARGETS,
 }
 
