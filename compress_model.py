@@ -79,6 +79,10 @@ SCRATCH_CONTROL = True       # also train the picked student's architecture on t
 KD_TEMPERATURE = 4.0         # T: softening of both models' logits
 KD_ALPHA = 0.5               # weight of the T^2-scaled KL term; 1 - KD_ALPHA weighs cross-entropy on the labels
                              # (near 1 the student copies the teacher, its errors too)
+KD_LOSS = "kd"               # kd | dkd: the distillation term, KD's KL, or DKD's (Zhao et al. 2022: the KL split into
+                             # the target class's part and the other classes', the latter weighed by DKD_BETA)
+DKD_BETA = 8.0               # KD_LOSS=dkd: weight of the non-target classes' KL (KD's is 1 - the teacher's target
+                             # probability); DKD's CIFAR-100 setting is 8 (its TCKD weight 1 is ours)
 KD_LR = 0.2                  # peak one-cycle learning rate of distillation
 BATCH_SIZE = 256             # images per step (distillation and fine-tuning)
 MOMENTUM = 0.9               # SGD Nesterov momentum
@@ -137,6 +141,8 @@ def check_config(cfg):
         raise UserError(f"--STUDENTS names a student twice: {cfg.STUDENTS}")
     check_choice(cfg, "CALIB_METHOD", ("MinMax", "Entropy", "Percentile"))
     check_choice(cfg, "OBJECTIVE", OBJECTIVES)
+    check_choice(cfg, "KD_LOSS", ("kd", "dkd"))
+    check_range(cfg, "DKD_BETA", 0, 1000)
     check_amp_dtype(cfg)
     check_range(cfg, "MAX_ACC_DROP", 0, 100)
     check_range(cfg, "RANK_TIMEOUT", 1, 10**6)
@@ -207,8 +213,12 @@ class Distiller:
         return {**recipe, **self.kd_settings()}
 
     def kd_settings(self):
-        """The KD loss's constants: what a checkpoint trained by it was made from besides its recipe."""
-        return {k: getattr(self.cfg, k) for k in ("KD_TEMPERATURE", "KD_ALPHA", "TEACHER_FLIP")}
+        """The KD loss's constants: what a checkpoint trained by it was made from besides its recipe (KD_LOSS and
+        DKD_BETA only with dkd, so that a checkpoint made before them still resumes)."""
+        names = ("KD_TEMPERATURE", "KD_ALPHA", "TEACHER_FLIP")
+        if self.cfg.KD_LOSS == "dkd":
+            names += ("KD_LOSS", "DKD_BETA")
+        return {k: getattr(self.cfg, k) for k in names}
 
     def finetune(self, label, path, model, epochs, made_from):
         """The search's fine-tuning step (utils.search.Finetune)."""
@@ -307,7 +317,8 @@ def new_student(name, teacher, cfg):
 
 
 def distil(teacher, distiller, cfg):
-    """Knowledge distillation into each of the STUDENTS (loss: KD_ALPHA*T^2*KL + (1-KD_ALPHA)*CE):
+    """Knowledge distillation into each of the STUDENTS (loss: KD_ALPHA*T^2*KL + (1-KD_ALPHA)*CE, KL decoupled
+    with KD_LOSS=dkd):
     {name: model}, each checkpointed as OUT_DIR/student_<name>.pth."""
     students, names = {}, cfg.STUDENTS.split(",")
     for name in names:
@@ -484,7 +495,8 @@ def main(argv):
         cfg = views_that_fit(cfg, train, teacher)
         base_correct = baseline_on_val(teacher, val, cfg)
         kd = distillation_objective(teacher.model, cfg.KD_TEMPERATURE, cfg.KD_ALPHA,
-                                    cached_teacher(teacher, train, cfg), cfg.TEACHER_FLIP)
+                                    cached_teacher(teacher, train, cfg), cfg.TEACHER_FLIP,
+                                    cfg.DKD_BETA if cfg.KD_LOSS == "dkd" else None)
         distiller = Distiller(kd, train, val, cfg,
                               {"config": asdict(cfg), "classes": teacher.classes, "teacher": teacher.path})
         students = distil(teacher, distiller, cfg)

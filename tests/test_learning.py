@@ -49,12 +49,15 @@ def test_bf16_steps_lower_the_loss_as_float32_steps_do(tmp_path):
     assert_learns_as_in_float32(tmp_path)
 
 
-def test_distillation_learns_in_bf16_as_in_float32(tmp_path):
-    """The KD loss against a trained teacher run on every batch (TEACHER_VIEWS=0, the GPU profile's way)."""
+@pytest.mark.parametrize("dkd_beta", [None, 8.0], ids=["kd", "dkd"])
+def test_distillation_learns_in_bf16_as_in_float32(tmp_path, dkd_beta):
+    """The KD loss (and DKD's) against a trained teacher run on every batch (TEACHER_VIEWS=0, the GPU profile's
+    way)."""
     teacher = tiny_model()
     fit(teacher, cross_entropy_objective(0.0), TrainRecipe(**RECIPE), learnable_data(640), learnable_data(16, 1),
         Stage("baseline", "baseline", str(tmp_path / "teacher.pth"), "cpu"))
-    assert_learns_as_in_float32(tmp_path, distillation_objective(teacher.eval(), 4.0, 0.5, flip=True))
+    assert_learns_as_in_float32(tmp_path, distillation_objective(teacher.eval(), 4.0, 0.5, flip=True,
+                                                                 dkd_beta=dkd_beta))
 
 
 @pytest.fixture(scope="module")

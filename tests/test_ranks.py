@@ -25,7 +25,7 @@ from conftest import (COMPRESS_FLAGS, EVAL_FLAGS, OPTIONS, TRAIN_FLAGS, assert_l
 import psutil
 
 from utils.dist import Layout, all_gather_cat, follow, in_job, join, ranks_working, shard, share_data
-from utils.train import CrossEntropy, Stage, TrainRecipe, fit
+from utils.train import CrossEntropy, Stage, TrainRecipe, distillation_objective, fit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "RANKS": "2"}  # the tests' own RANKS=1 (conftest) replaced
@@ -93,20 +93,23 @@ def test_steps_at_three_ranks_equal_the_steps_of_one_process_on_the_same_global_
 
 @dataclass
 class RecordedLoss:
-    """Cross-entropy that keeps each step's value (on rank 0: its share's); picklable, as a job's objective is."""
+    """An objective (default cross-entropy) that keeps each step's value (on rank 0: its share's); picklable, as
+    a job's objective is."""
+    objective: object = None
     losses: list = field(default_factory=list)
 
     def to(self, device):
         return self
 
     def __call__(self, model, batch):
-        loss = F.cross_entropy(model(batch.x), batch.y)
+        loss = self.objective(model, batch) if self.objective else F.cross_entropy(model(batch.x), batch.y)
         self.losses.append(loss.item())
         return loss
 
 
 def options_worker(rank, port, folder):
-    """At 2 ranks, one epoch (20 steps of 32 images) of tiny_model with the plain recipe and with each option."""
+    """At 2 ranks, one epoch (20 steps of 32 images) of tiny_model with the plain recipe and with each option;
+    then distilled (KD and DKD) from the plain recipe's model."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
     layout = Layout(rank=rank, local_rank=rank, world=2, local_world=2, cores=2, threads=1)
     join(layout, rank_timeout=60)
@@ -116,10 +119,16 @@ def options_worker(rank, port, folder):
     with ranks_working(layout):
         train, val = learnable_data(640), learnable_data(16, 1)
         share_data((train, val))
-        losses = {}
+        losses, models = {}, {}
         for name, options in {"plain": {}, **OPTIONS}.items():
             losses[name] = RecordedLoss()
             recipe = TrainRecipe(lr=0.05, epochs=1, batch_size=32, momentum=0.9, weight_decay=0.0, seed=0, **options)
+            models[name] = tiny_model()
+            fit(models[name], losses[name], recipe, train, val, Stage("student", name, os.path.join(folder,
+                                                                                                  f"{name}.pth"), "cpu"))
+        recipe = TrainRecipe(lr=0.05, epochs=1, batch_size=32, momentum=0.9, weight_decay=0.0, seed=1)
+        for name, beta in (("kd", None), ("dkd", 8.0)):
+            losses[name] = RecordedLoss(distillation_objective(models["plain"].eval(), 4.0, 0.5, dkd_beta=beta))
             fit(tiny_model(), losses[name], recipe, train, val, Stage("student", name, os.path.join(folder,
                                                                                               f"{name}.pth"), "cpu"))
         torch.save({name: loss.losses for name, loss in losses.items()}, os.path.join(folder, "losses.pt"))
@@ -127,12 +136,15 @@ def options_worker(rank, port, folder):
 
 def test_each_recipe_option_learns_at_two_ranks_as_the_plain_recipe(tmp_path):
     """BN_MOMENTUM, BN_BIAS_LR, FREEZE_BN_WEIGHTS, ALTERNATE_FLIP and all of them with LOOKAHEAD, trained by two
-    ranks: rank 0's loss falls as the plain recipe's does."""
+    ranks: rank 0's loss falls as the plain recipe's does; KD and DKD from that plain model: each loss falls."""
     mp.spawn(options_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     losses = torch.load(tmp_path / "losses.pt")
     for name in OPTIONS:
         assert len(losses[name]) == 20, name
         assert_learns_as_the_plain_recipe(losses[name], losses["plain"])
+    for name in ("kd", "dkd"):  # their own losses' scales: each falls as conftest's options must
+        first, last = sum(losses[name][:5]) / 5, sum(losses[name][-5:]) / 5
+        assert len(losses[name]) == 20 and last < 0.4 * first, (name, first, last)
 
 
 def shares_worker(rank, port, folder):

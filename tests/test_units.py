@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from utils.checkpoint import (Progress, clean_state_dict, load_checkpoint, load_model, weights_fingerprint,
                               write_checkpoint)
@@ -16,7 +17,8 @@ from utils.models import ARCHS, ResNet, build_model, count_macs, parse_arch, whi
 from utils.search import SearchContext
 from conftest import tiny_data, tiny_model
 from utils.train import (CrossEntropy, Lookahead, Stage, TrainRecipe, batchnorms, cross_entropy_objective,
-                         distillation_objective, fit, kd_loss, sgd_one_cycle, teacher_logits, teacher_outputs)
+                         decoupled_kl, distillation_objective, dkd_loss, fit, kd_loss, sgd_one_cycle, teacher_logits,
+                         teacher_outputs)
 
 
 def test_kd_loss_matches_hand_computation():
@@ -372,3 +374,27 @@ def test_the_summary_says_when_the_choice_missed_the_budget():
               "max_acc_drop": 0.5, "budget_met": False}
     assert "NOT within MAX_ACC_DROP=0.5" in choice_summary(search)
     assert ", within MAX_ACC_DROP=0.5" in choice_summary({**search, "budget_met": True})
+
+
+def test_decoupled_kl_adds_up_to_kd_kl():
+    """DKD's split: per image, KL = TCKD + (1 - the teacher's target probability at T) * NCKD, so dkd_loss with
+    that weight in place of beta is kd_loss."""
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(6, 5, generator=g) * 3, torch.randn(6, 5, generator=g) * 3
+    y = torch.tensor([0, 1, 2, 3, 4, 0])
+    T = 2.0
+    tckd, nckd = decoupled_kl(s, t, y, T)
+    kl = F.kl_div(F.log_softmax(s / T, 1), F.log_softmax(t / T, 1), reduction="none", log_target=True).sum(1)
+    p_target = F.softmax(t / T, 1).gather(1, y[:, None]).squeeze(1)
+    assert torch.allclose(tckd + (1 - p_target) * nckd, kl, atol=1e-5)
+    assert (tckd >= 0).all() and (nckd >= 0).all()
+    assert decoupled_kl(t, t, y, T)[1].abs().max() < 1e-6  # no divergence from itself
+    ce = F.cross_entropy(s, y)
+    assert dkd_loss(s, t, y, T, 0.5, 0.0).item() == pytest.approx((0.5 * T * T * tckd.mean() + 0.5 * ce).item())
+
+
+def test_dkd_gradients_are_finite_where_the_teacher_is_sure():
+    s = torch.tensor([[30.0, -30.0, 0.0]], requires_grad=True)
+    t = torch.tensor([[50.0, -50.0, -50.0]])
+    dkd_loss(s, t, torch.tensor([0]), 4.0, 0.5, 8.0).backward()
+    assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0

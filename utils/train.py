@@ -131,6 +131,34 @@ def kd_loss(student_logits, teacher_logits, targets, temperature, alpha):
     return alpha * t * t * kl + (1 - alpha) * F.cross_entropy(student_logits.float(), targets)
 
 
+def decoupled_kl(student_logits, teacher_logits, targets, temperature):
+    """Per image, KD's KL(teacher/T || student/T) split in two (Zhao et al. 2022, DKD): (TCKD, NCKD), the KL of
+    the binary split target class | the rest, and the KL over the non-target classes renormalised among
+    themselves. KL = TCKD + (1 - teacher's target probability at T) * NCKD."""
+    s, t = student_logits.float() / temperature, teacher_logits.float() / temperature
+    target = F.one_hot(targets, s.shape[1]).bool()
+
+    def split(logits):
+        """log of (target probability, the rest's) and the non-target classes' log-softmax among themselves."""
+        rest = logits.masked_fill(target, float("-inf"))
+        total = logits.logsumexp(1, keepdim=True)
+        binary = torch.cat([logits[target].unsqueeze(1), rest.logsumexp(1, keepdim=True)], 1) - total
+        return binary, rest.log_softmax(1).masked_fill(target, 0.0)  # the target's entry weighs 0 below
+    (s_bin, s_rest), (t_bin, t_rest) = split(s), split(t)
+    tckd = (t_bin.exp() * (t_bin - s_bin)).sum(1)
+    nckd = (t_rest.exp().masked_fill(target, 0.0) * (t_rest - s_rest)).sum(1)
+    return tckd, nckd
+
+
+def dkd_loss(student_logits, teacher_logits, targets, temperature, alpha, beta):
+    """kd_loss with its KL term decoupled (decoupled_kl): alpha * T^2 * mean(TCKD + beta * NCKD) + (1 - alpha)
+    * CE, beta a constant where KD weighs NCKD by 1 - the teacher's target probability (small exactly where the
+    teacher is sure, which suppresses what it knows of the other classes)."""
+    tckd, nckd = decoupled_kl(student_logits, teacher_logits, targets, temperature)
+    t = temperature
+    return alpha * t * t * (tckd + beta * nckd).mean() + (1 - alpha) * F.cross_entropy(student_logits.float(), targets)
+
+
 @torch.no_grad()
 def teacher_outputs(teacher, x, flip=False):
     """The teacher's float32 logits on batch x, computed in float32 also inside a training step's autocast; flip:
@@ -183,6 +211,7 @@ class Distillation:
     alpha: float
     cached: torch.Tensor = None
     flip: bool = False
+    dkd_beta: float = None  # None: kd_loss; else dkd_loss with this beta
 
     def to(self, device):
         """This objective with its teacher and cached logits on `device` (where a rank trains)."""
@@ -194,11 +223,13 @@ class Distillation:
             logits = self.cached[batch.view, batch.idx]
         else:
             logits = teacher_outputs(self.teacher, batch.x, self.flip)
-        return kd_loss(model(batch.x), logits, batch.y, self.temperature, self.alpha)
+        if self.dkd_beta is None:
+            return kd_loss(model(batch.x), logits, batch.y, self.temperature, self.alpha)
+        return dkd_loss(model(batch.x), logits, batch.y, self.temperature, self.alpha, self.dkd_beta)
 
 
-def distillation_objective(teacher, temperature, alpha, cached=None, flip=False):
-    return Distillation(teacher, temperature, alpha, cached, flip)
+def distillation_objective(teacher, temperature, alpha, cached=None, flip=False, dkd_beta=None):
+    return Distillation(teacher, temperature, alpha, cached, flip, dkd_beta)
 
 
 def batchnorms(model):
