@@ -147,11 +147,10 @@ def test_the_cpu_targets_judge_the_published_r17_figures():
     import benchmark
     results = json.load(open(os.path.join(ROOT, "docs", "results", "results.json")))
     rows = {r["stage"]: r for r in results["rows"]}
-    untimed = [t for t in benchmark.TARGETS["cpu"] if not t.timed]
+    untimed = [t for t in benchmark.TARGETS["cpu"] if not t.timed and t not in benchmark.COMMON_TARGETS]
     met = {t.description: t.test(rows, {}, results["search"]) for t in untimed}
     assert met == {"baseline test accuracy >= 88.5%": False, "shipped INT8 model test accuracy >= 89.0%": False,
-                   "int8.sparse <= 0.17 MiB": True, "int8 >= 7x faster at batch 64, same runtime": True,
-                   **{t.description: t.test(rows, {}, results["search"]) for t in benchmark.COMMON_TARGETS}}
+                   "int8.sparse <= 0.17 MiB": True, "int8 >= 7x faster at batch 64, same runtime": True}
     for stage in ("int8", "int8_sparse"):
         rows[stage] = {**rows[stage], "accuracy": 89.0}
     shipped = next(t for t in untimed if t.description.startswith("shipped"))

@@ -17,8 +17,7 @@ from utils.models import ARCHS, ResNet, build_model, count_macs, parse_arch, whi
 from utils.search import SearchContext
 from conftest import tiny_data, tiny_model
 from utils.train import (CrossEntropy, Lookahead, Stage, TrainRecipe, batchnorms, cross_entropy_objective,
-                         decoupled_kl, distillation_objective, dkd_loss, fit, kd_loss, sgd_one_cycle, teacher_logits,
-                         teacher_outputs)
+                         decoupled_kl, distillation_objective, fit, kd_loss, sgd_one_cycle, teacher_logits, teacher_outputs)
 
 
 def test_kd_loss_matches_hand_computation():
@@ -377,8 +376,8 @@ def test_the_summary_says_when_the_choice_missed_the_budget():
 
 
 def test_decoupled_kl_adds_up_to_kd_kl():
-    """DKD's split: per image, KL = TCKD + (1 - the teacher's target probability at T) * NCKD, so dkd_loss with
-    that weight in place of beta is kd_loss."""
+    """DKD's split: per image, KL = TCKD + (1 - the teacher's target probability at T) * NCKD, so DKD with that
+    weight in place of beta is KD."""
     g = torch.Generator().manual_seed(0)
     s, t = torch.randn(6, 5, generator=g) * 3, torch.randn(6, 5, generator=g) * 3
     y = torch.tensor([0, 1, 2, 3, 4, 0])
@@ -390,11 +389,11 @@ def test_decoupled_kl_adds_up_to_kd_kl():
     assert (tckd >= 0).all() and (nckd >= 0).all()
     assert decoupled_kl(t, t, y, T)[1].abs().max() < 1e-6  # no divergence from itself
     ce = F.cross_entropy(s, y)
-    assert dkd_loss(s, t, y, T, 0.5, 0.0).item() == pytest.approx((0.5 * T * T * tckd.mean() + 0.5 * ce).item())
+    assert kd_loss(s, t, y, T, 0.5, dkd_beta=0.0).item() == pytest.approx((0.5 * T * T * tckd.mean() + 0.5 * ce).item())
 
 
 def test_dkd_gradients_are_finite_where_the_teacher_is_sure():
     s = torch.tensor([[30.0, -30.0, 0.0]], requires_grad=True)
     t = torch.tensor([[50.0, -50.0, -50.0]])
-    dkd_loss(s, t, torch.tensor([0]), 4.0, 0.5, 8.0).backward()
+    kd_loss(s, t, torch.tensor([0]), 4.0, 0.5, dkd_beta=8.0).backward()
     assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0

@@ -123,11 +123,18 @@ def cross_entropy_objective(label_smoothing):
     return CrossEntropy(label_smoothing)
 
 
-def kd_loss(student_logits, teacher_logits, targets, temperature, alpha):
-    """alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + (1 - alpha) * CE(student, targets)."""
+def kd_loss(student_logits, teacher_logits, targets, temperature, alpha, dkd_beta=None):
+    """alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + (1 - alpha) * CE(student, targets); with
+    dkd_beta the KL decoupled as DKD does (decoupled_kl): mean(TCKD + dkd_beta * NCKD), a constant weight where KD
+    weighs NCKD by 1 - the teacher's target probability (small exactly where the teacher is sure, which suppresses
+    what it knows of the other classes)."""
     t = temperature
-    kl = F.kl_div(F.log_softmax(student_logits.float() / t, dim=1), F.log_softmax(teacher_logits.float() / t, dim=1),
-                  reduction="batchmean", log_target=True)
+    if dkd_beta is None:
+        kl = F.kl_div(F.log_softmax(student_logits.float() / t, dim=1),
+                      F.log_softmax(teacher_logits.float() / t, dim=1), reduction="batchmean", log_target=True)
+    else:
+        tckd, nckd = decoupled_kl(student_logits, teacher_logits, targets, t)
+        kl = (tckd + dkd_beta * nckd).mean()
     return alpha * t * t * kl + (1 - alpha) * F.cross_entropy(student_logits.float(), targets)
 
 
@@ -148,15 +155,6 @@ def decoupled_kl(student_logits, teacher_logits, targets, temperature):
     tckd = (t_bin.exp() * (t_bin - s_bin)).sum(1)
     nckd = (t_rest.exp().masked_fill(target, 0.0) * (t_rest - s_rest)).sum(1)
     return tckd, nckd
-
-
-def dkd_loss(student_logits, teacher_logits, targets, temperature, alpha, beta):
-    """kd_loss with its KL term decoupled (decoupled_kl): alpha * T^2 * mean(TCKD + beta * NCKD) + (1 - alpha)
-    * CE, beta a constant where KD weighs NCKD by 1 - the teacher's target probability (small exactly where the
-    teacher is sure, which suppresses what it knows of the other classes)."""
-    tckd, nckd = decoupled_kl(student_logits, teacher_logits, targets, temperature)
-    t = temperature
-    return alpha * t * t * (tckd + beta * nckd).mean() + (1 - alpha) * F.cross_entropy(student_logits.float(), targets)
 
 
 @torch.no_grad()
@@ -211,7 +209,7 @@ class Distillation:
     alpha: float
     cached: torch.Tensor = None
     flip: bool = False
-    dkd_beta: float = None  # None: kd_loss; else dkd_loss with this beta
+    dkd_beta: float = None  # kd_loss's: None for KD's KL, else DKD's with this weight
 
     def to(self, device):
         """This objective with its teacher and cached logits on `device` (where a rank trains)."""
@@ -223,9 +221,7 @@ class Distillation:
             logits = self.cached[batch.view, batch.idx]
         else:
             logits = teacher_outputs(self.teacher, batch.x, self.flip)
-        if self.dkd_beta is None:
-            return kd_loss(model(batch.x), logits, batch.y, self.temperature, self.alpha)
-        return dkd_loss(model(batch.x), logits, batch.y, self.temperature, self.alpha, self.dkd_beta)
+        return kd_loss(model(batch.x), logits, batch.y, self.temperature, self.alpha, self.dkd_beta)
 
 
 def distillation_objective(teacher, temperature, alpha, cached=None, flip=False, dkd_beta=None):
